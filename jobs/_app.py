@@ -1,0 +1,40 @@
+"""Runs one typer command function as `main(argv) -> int`, turning user errors into clear messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import typer
+
+# Errors that mean "the user asked for something wrong": printed as one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def run_command(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str) -> int:
+    """Parse `argv` with typer from the signature of `fn`, call it, and return an exit code.
+
+    Set BAYESCURATE_DEBUG=1 to see the traceback of a user error.
+    """
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command(help=fn.__doc__)(fn)
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name=prog, standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except typer.TyperException as exc:  # usage errors: typer vendors click, so these are its classes
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
+    except USER_ERRORS as exc:
+        if os.environ.get("BAYESCURATE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)

@@ -1,0 +1,52 @@
+"""The `bayescurate` console script: dispatches `bayescurate COMMAND ...` to `jobs.<module>.main(argv)`.
+
+Commands are imported lazily, so `bayescurate --help` and `bayescurate services status` do not pay for
+importing torch or Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jobs.demo", "Run the main job end to end on the embedded defaults."),
+    "services": ("jobs.services", "Start, stop or check the local Label Studio and MLflow servers."),
+    "make-world": ("jobs.make_world", "Write a synthetic image-caption corpus (Parquet, folder or WebDataset)."),
+    "pretrain-tiny": ("jobs.pretrain_tiny", "Pretrain the tiny CLIP shipped with the repo on the synthetic world."),
+    "fit-posterior": ("jobs.fit_posterior", "Estimate KFAC factors on image-text pairs and fit the Laplace posterior."),
+    "embed": ("jobs.embed", "Compute Bayesian image embeddings (mean and variance) for a corpus."),
+    "zeroshot": ("jobs.zeroshot", "Calibrated zero-shot classification with ProbCosine."),
+    "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline."),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: bayescurate COMMAND [ARGS]...", "", "Commands:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Run `bayescurate COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest))
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

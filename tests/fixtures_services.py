@@ -1,0 +1,1 @@
+"""Placeholder; the owner fills this in."""
