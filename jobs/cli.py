@@ -14,11 +14,12 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "Run the main job end to end on the embedded defaults."),
     "services": ("jobs.services", "Start, stop or check the local Label Studio and MLflow servers."),
-    "make-world": ("jobs.make_world", "Write a synthetic image-caption corpus (Parquet, folder or WebDataset)."),
-    "pretrain-tiny": ("jobs.pretrain_tiny", "Pretrain the tiny CLIP shipped with the repo on the synthetic world."),
-    "fit-posterior": ("jobs.fit_posterior", "Estimate KFAC factors on image-text pairs and fit the Laplace posterior."),
+    "make-world": ("jobs.make_world", "Write a synthetic image-caption corpus."),
+    "pretrain-tiny": ("jobs.pretrain_tiny", "Pretrain the tiny CLIP shipped with the repo."),
+    "fit-posterior": ("jobs.fit_posterior", "Fit the Laplace posterior (KFAC) on image-text pairs."),
     "embed": ("jobs.embed", "Compute Bayesian image embeddings (mean and variance) for a corpus."),
     "zeroshot": ("jobs.zeroshot", "Calibrated zero-shot classification with ProbCosine."),
+    "select": ("jobs.select", "Choose what annotators label next (EPIG/BALD) and send it to Label Studio."),
     "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline."),
 }
 

@@ -24,6 +24,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+# Largest number of logits of one row chunk kept between the two softmax passes (64 MiB in float32).
+_CACHE_ELEMENTS = 1 << 24
+
 
 class Likelihood(str, Enum):
     """The contrastive loss whose curvature is used."""
@@ -80,6 +83,7 @@ def _ggn(
     n_targets = targets.shape[0]
 
     y_hat, _ = _normalise(targets.to(dtype), "target")  # [C, D]
+    _normalise(sources, "source")  # zero rows are reported by their index in the whole batch
     weight_sum = torch.zeros(n_targets, dtype=acc, device=device)  # Σ_b w_b / r_b²   [C]
     outer = torch.zeros(dim, dim, dtype=acc, device=device)  # everything except the Ŷᵀ diag Ŷ term
     c_chunks = [(lo, min(lo + chunk_size, n_targets)) for lo in range(0, n_targets, chunk_size)]
@@ -90,22 +94,24 @@ def _ggn(
         inv_r2 = r.pow(-2)  # [b]
 
         if softmax:
-            # First pass: the log-partition of each row over all C targets, in C chunks.
-            cached: Tensor | None = None
+            # First pass: the log-partition of each row over all C targets, in C chunks. The logit
+            # chunks are kept for the second pass when they fit in _CACHE_ELEMENTS, else recomputed.
+            keep = x.shape[0] * n_targets <= _CACHE_ELEMENTS
+            cached: list[Tensor] = []
             lse = torch.full((x.shape[0],), -torch.inf, dtype=dtype, device=device)  # [b]
             for c_lo, c_hi in c_chunks:
                 logits = s * (u @ y_hat[c_lo:c_hi].T)  # [b, c]
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-                if len(c_chunks) == 1:
-                    cached = logits
+                if keep:
+                    cached.append(logits)
 
         q = torch.zeros_like(u)  # Ŷᵀ ρ_b              [b, D]
         wc = torch.zeros_like(u)  # Ŷᵀ (w_b ⊙ c_b)      [b, D]
         rho_c = torch.zeros_like(r)  # ρ_b · c_b          [b]
-        for c_lo, c_hi in c_chunks:
+        for i_c, (c_lo, c_hi) in enumerate(c_chunks):
             y = y_hat[c_lo:c_hi]  # [c, D]
             if softmax:
-                logits = cached if cached is not None else s * (u @ y.T)  # [b, c]
+                logits = cached[i_c] if cached else s * (u @ y.T)  # [b, c]
                 cos = logits / s if s != 0 else u @ y.T
                 w = torch.exp(logits - lse[:, None])  # p_b restricted to this chunk   [b, c]
                 both = torch.cat([w, w * cos]) @ y  # [2b, D]

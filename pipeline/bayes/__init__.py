@@ -1,0 +1,52 @@
+"""The Bayesian core: pure tensor math of BayesVLM (no Ray, MLflow, Label Studio or network).
+
+See ../shared/MATH.md for the specification each function docstring refers to.
+"""
+
+from pipeline.bayes.acquisition import Method, Selection, bald, entropy, epig, score_pool, select_batch
+from pipeline.bayes.cosine import ProbLogits, prob_cosine
+from pipeline.bayes.curvature import Likelihood, ggn, infonce_ggn, siglip_ggn
+from pipeline.bayes.head import BayesHead
+from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
+from pipeline.bayes.metrics import (
+    Reliability,
+    accuracy,
+    auroc,
+    brier,
+    calibration_report,
+    ece,
+    nll,
+    reliability,
+)
+from pipeline.bayes.neighbours import Metric, candidates, nearest
+
+__all__ = [
+    "BayesHead",
+    "Damping",
+    "KronFactors",
+    "KronPosterior",
+    "Likelihood",
+    "Method",
+    "Metric",
+    "ProbLogits",
+    "Reliability",
+    "Selection",
+    "accuracy",
+    "auroc",
+    "bald",
+    "brier",
+    "calibration_report",
+    "candidates",
+    "ece",
+    "entropy",
+    "epig",
+    "ggn",
+    "infonce_ggn",
+    "nearest",
+    "nll",
+    "prob_cosine",
+    "reliability",
+    "score_pool",
+    "select_batch",
+    "siglip_ggn",
+]
