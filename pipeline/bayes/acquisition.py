@@ -60,11 +60,15 @@ def epig(
     Reference: MATH.md §7; Bickford Smith et al. (2023), eq. 9 and their `epig_from_probs`.
     """
     if probs_pool.ndim != 3 or probs_target.ndim != 3:
-        raise ValueError(f"probs_pool and probs_target must be [N, K, C], got {list(probs_pool.shape)} "
-                         f"and {list(probs_target.shape)}")
+        raise ValueError(
+            f"probs_pool and probs_target must be [N, K, C], got {list(probs_pool.shape)} "
+            f"and {list(probs_target.shape)}"
+        )
     if probs_pool.shape[1] != probs_target.shape[1]:
-        raise ValueError(f"pool has {probs_pool.shape[1]} draws but target has {probs_target.shape[1]}: "
-                         "EPIG needs the same joint draws for both")
+        raise ValueError(
+            f"pool has {probs_pool.shape[1]} draws but target has {probs_target.shape[1]}: "
+            "EPIG needs the same joint draws for both"
+        )
     if chunk_size < 1 or target_chunk_size < 1:
         raise ValueError(f"chunk sizes must be positive, got {chunk_size} and {target_chunk_size}")
     n_pool, k, c = probs_pool.shape
@@ -77,6 +81,7 @@ def epig(
     # Targets as one [K, Nt·C'] matrix, so that the joint of a pool block is a single matmul.
     target_flat = probs_target.permute(1, 0, 2).reshape(k, n_target * c_t)  # [K, Nt·C']
 
+    tiny = torch.finfo(probs_pool.dtype).tiny
     h_joint = torch.empty(n_pool, dtype=probs_pool.dtype, device=probs_pool.device)  # E_{x*} H[p(y,y*)]
     for start in range(0, n_pool, chunk_size):
         block = probs_pool[start : start + chunk_size]  # [b, K, C]
@@ -85,7 +90,9 @@ def epig(
         acc = torch.zeros(b, dtype=probs_pool.dtype, device=probs_pool.device)
         for t0 in range(0, n_target * c_t, target_chunk_size * c_t):
             joint = pool_flat @ target_flat[:, t0 : t0 + target_chunk_size * c_t] / k  # [b·C, t·C']
-            acc += -torch.special.xlogy(joint, joint).reshape(b, -1).sum(dim=1)  # [b]
+            # −Σ j log j in place (same as −xlogy(j, j): clamping keeps 0·log 0 = 0 and saves a buffer).
+            log_joint = joint.clamp_min(tiny).log_().mul_(joint)
+            acc -= log_joint.reshape(b, -1).sum(dim=1)  # [b]
         h_joint[start : start + b] = acc / n_target
     return h_pool + h_target - h_joint
 
@@ -98,26 +105,39 @@ class Selection:
     scores: list[float]
 
 
-def _scores(
+def score_pool(
     head: BayesHead,
     pool_acts: Tensor,
     text_acts: Tensor,
-    method: Method,
-    target_acts: Tensor | None,
-    k: int,
-    seed: int,
-    pool_offsets: Tensor | None,
-    text_offset: Tensor | None,
-    target_offsets: Tensor | None,
+    *,
+    method: Method | str = Method.EPIG,
+    target_acts: Tensor | None = None,
+    k: int = 64,
+    seed: int = 0,
+    pool_offsets: Tensor | None = None,
+    text_offset: Tensor | None = None,
+    target_offsets: Tensor | None = None,
 ) -> Tensor:
-    """Score every pool point with K joint draws; pool and targets in one call so they share the draws."""
+    """BALD or EPIG of every pool point from `k` joint posterior draws (generator seeded with `seed`).
+
+    Pool and targets go through ONE `head.sample_probs` call, so draw k is the same parameter draw for
+    both (MATH.md §7). EPIG without `target_acts` uses the pool as its own target set.
+    pool_acts [Np, d], text_acts [C, dt], target_acts [Nt, d] -> [Np].
+    """
+    method = Method(method)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if method is Method.BALD:
         (probs_pool,) = head.sample_probs(
-            [pool_acts], text_acts, k, generator=generator, image_offsets=[pool_offsets], text_offset=text_offset
+            [pool_acts],
+            text_acts,
+            k,
+            generator=generator,
+            image_offsets=[pool_offsets],
+            text_offset=text_offset,
         )
         return bald(probs_pool)
-    assert target_acts is not None  # checked by select_batch
+    if target_acts is None:
+        target_acts, target_offsets = pool_acts, pool_offsets
     probs_pool, probs_target = head.sample_probs(
         [pool_acts, target_acts],
         text_acts,
@@ -127,6 +147,29 @@ def _scores(
         text_offset=text_offset,
     )
     return epig(probs_pool, probs_target)
+
+
+def condition_on_unlabelled(
+    head: BayesHead,
+    acts: Tensor,
+    text_acts: Tensor,
+    *,
+    offsets: Tensor | None = None,
+    text_offset: Tensor | None = None,
+) -> BayesHead:
+    """The head with the image posterior updated as if the points `acts` [M, d] had been labelled.
+
+    Adds `Σ a aᵀ` to A, the label-free GGN `Σ G(g)` (MATH.md §1, sources = the points' mean image
+    embeddings, targets = the class text mean embeddings, the head's likelihood, scale and bias) to B, and
+    M to n, then rebuilds the head. No label is needed: the GGN does not depend on it.
+    """
+    text_mean, _ = head.text_embeddings(text_acts, offset=text_offset)  # [C, D]
+    embedding, _ = head.image_embeddings(acts, offset=offsets)  # [M, D]
+    posterior = head.image
+    curvature = ggn(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, D]
+    # Same model and tower as the posterior's factors: copy their meta so the merge's check passes.
+    extra = KronFactors.from_batch(acts, curvature, meta=posterior.factors.meta)
+    return head.with_image(posterior.update(extra))
 
 
 def select_batch(
@@ -167,32 +210,29 @@ def select_batch(
         target_acts, target_offsets = pool_acts, pool_offsets
     seed = 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
 
-    text_mean, _ = head.text_embeddings(text_acts, offset=text_offset)  # [C, D]; fixed: only images update
     picked: list[int] = []
     scores: list[float] = []
     for _ in range(budget):
-        step_scores = _scores(
-            head, pool_acts, text_acts, method, target_acts, k, seed, pool_offsets, text_offset, target_offsets
+        step_scores = score_pool(
+            head,
+            pool_acts,
+            text_acts,
+            method=method,
+            target_acts=target_acts,
+            k=k,
+            seed=seed,
+            pool_offsets=pool_offsets,
+            text_offset=text_offset,
+            target_offsets=target_offsets,
         )  # [Np]
         if picked:
             step_scores[torch.tensor(picked)] = -torch.inf
         best = int(step_scores.argmax())
         picked.append(best)
         scores.append(float(step_scores[best]))
-        if len(picked) == budget:
-            break
-        head = _condition_on(head, pool_acts[best : best + 1], text_mean, pool_offsets, best)
+        if len(picked) < budget:
+            offset = None if pool_offsets is None else pool_offsets[best : best + 1]
+            head = condition_on_unlabelled(
+                head, pool_acts[best : best + 1], text_acts, offsets=offset, text_offset=text_offset
+            )
     return Selection(indices=picked, scores=scores)
-
-
-def _condition_on(
-    head: BayesHead, act: Tensor, text_mean: Tensor, pool_offsets: Tensor | None, index: int
-) -> BayesHead:
-    """Add one unlabelled point's `a aᵀ` and label-free GGN to the image factors and rebuild the head."""
-    offset = None if pool_offsets is None else pool_offsets[index : index + 1]
-    embedding, _ = head.image_embeddings(act, offset=offset)  # [1, D]
-    posterior = head.image
-    curvature = ggn(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, D]
-    extra = KronFactors.from_batch(act.to(posterior.factors.A.dtype), curvature.to(posterior.factors.B.dtype))
-    extra.meta = dict(posterior.factors.meta)  # same model and tower: let the merge check pass
-    return head.with_image(posterior.update(extra))

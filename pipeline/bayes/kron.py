@@ -360,6 +360,10 @@ class KronPosterior:
         eps = eps.to(device)  # [k, D, d]
         e = self._eig
         U, V = e.U.to(device=device, dtype=dtype), e.V.to(device=device, dtype=dtype)
+        # Rotate the noise into the eigenbasis first (`Vᵀ E U` is again N(0, I)): the draw then depends on
+        # the posterior only, not on the signs/order eigh happens to return, so the same seed gives
+        # comparable draws before and after a small `update` (what greedy batch selection relies on).
+        eps = V.T @ eps @ U  # [k, D, d]
         if self.damping is Damping.EXACT:
             std = self._lam_eig.rsqrt().T.to(device=device, dtype=dtype)  # [D, d]
             noise = V @ (std * eps) @ U.T

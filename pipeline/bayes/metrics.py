@@ -28,8 +28,10 @@ def _check(probs: Tensor, labels: Tensor) -> None:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
-        raise ValueError(f"labels must lie in [0, {probs.shape[1] - 1}], got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {probs.shape[1] - 1}], got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 def accuracy(probs: Tensor, labels: Tensor) -> float:
@@ -46,7 +48,10 @@ def nll(probs: Tensor, labels: Tensor) -> float:
 
 
 def brier(probs: Tensor, labels: Tensor) -> float:
-    """Brier score `(1/N) Σ_n Σ_c (p_nc − 1[y_n = c])²`: summed over classes, averaged over samples (range [0, 2])."""
+    """Brier score `(1/N) Σ_n Σ_c (p_nc − 1[y_n = c])²`: summed over classes, averaged over samples.
+
+    Range [0, 2]; some libraries also divide by C, this one does not.
+    """
     _check(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(torch.float64)  # [N, C]
     return float(((probs.double() - onehot) ** 2).sum(dim=1).mean())
@@ -99,7 +104,7 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> float:
 
 def _average_ranks(values: Tensor) -> Tensor:
     """1-based ranks of `values` [N] (ascending), tied values sharing the mean of their ranks."""
-    uniq, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
     end = counts.cumsum(0).double()  # rank of the last member of each group
     start = end - counts.double() + 1.0  # rank of the first
     return ((start + end) / 2.0)[inverse]
@@ -113,8 +118,10 @@ def auroc(scores: Tensor, positives: Tensor) -> float:
     Use it with an uncertainty score and `positives = wrong predictions` for error detection.
     """
     if scores.ndim != 1 or positives.shape != scores.shape:
-        raise ValueError(f"scores and positives must be 1-D of equal length, got {list(scores.shape)} "
-                         f"and {list(positives.shape)}")
+        raise ValueError(
+            f"scores and positives must be 1-D of equal length, got {list(scores.shape)} "
+            f"and {list(positives.shape)}"
+        )
     positives = positives.bool()
     n_pos = int(positives.sum())
     n_neg = positives.numel() - n_pos

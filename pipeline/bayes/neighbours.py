@@ -3,7 +3,8 @@
 MATH.md §7 (the paper's kNN step). Both metrics reduce to an ordinary nearest-neighbour search after a
 per-point transform, so an exact faiss flat index answers them at scale:
 - expected cosine: `⟨μ₁/√E‖x₁‖², μ₂/√E‖x₂‖²⟩` with `E‖x‖² = ‖μ‖² + Σ σ²` — inner product, largest first;
-- 2-Wasserstein between diagonal Gaussians: `‖μ₁ − μ₂‖² + ‖σ₁ − σ₂‖²` — squared L2 of `[μ, σ]`, smallest first.
+- squared 2-Wasserstein between diagonal Gaussians: `‖μ₁ − μ₂‖² + ‖σ₁ − σ₂‖²` — squared L2 of `[μ, σ]`,
+  smallest first.
 Small pools use a chunked torch brute force; pools of at least `exact_threshold` points use faiss
 (IndexFlatIP / IndexFlatL2, float32). Both are exact and agree up to float32 rounding.
 """
@@ -31,7 +32,9 @@ class Metric(str, Enum):
 
 def _check(mean: Tensor, var: Tensor, name: str) -> None:
     if mean.ndim != 2 or var.shape != mean.shape:
-        raise ValueError(f"{name} mean and var must both be [N, D], got {list(mean.shape)} and {list(var.shape)}")
+        raise ValueError(
+            f"{name} mean and var must both be [N, D], got {list(mean.shape)} and {list(var.shape)}"
+        )
     if (var < 0).any():
         raise ValueError(f"{name} var has negative entries (min {float(var.min()):.3g})")
 

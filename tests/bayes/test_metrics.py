@@ -58,7 +58,9 @@ def test_ece_five_bins_by_hand() -> None:
 
 def test_reliability_bins_by_hand() -> None:
     rel = reliability(PROBS, LABELS, n_bins=5)
-    torch.testing.assert_close(rel.bin_edges, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        rel.bin_edges, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+    )
     assert rel.counts.tolist() == [0, 0, 2, 1, 1]
     torch.testing.assert_close(rel.confidence[2:], torch.tensor([0.6, 0.7, 0.9], dtype=torch.float64), **TOL)
     torch.testing.assert_close(rel.accuracy[2:], torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64), **TOL)

@@ -77,5 +77,5 @@ def test_bad_inputs_raise() -> None:
         nearest(pool_mean, pool_var, pool_mean, pool_var, k=11)
     with pytest.raises(ValueError, match="dimension"):
         nearest(pool_mean, pool_var, pool_mean[:, :2], pool_var[:, :2], k=1)
-    with pytest.raises(ValueError, match="metric|'manhattan'"):
+    with pytest.raises(ValueError, match="'manhattan'"):
         nearest(pool_mean, pool_var, pool_mean, pool_var, k=1, metric="manhattan")

@@ -1,0 +1,187 @@
+"""Acquisition scores against their plain formulas, and greedy batch selection on a small random BayesHead."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.bayes.acquisition import (
+    bald,
+    condition_on_unlabelled,
+    entropy,
+    epig,
+    score_pool,
+    select_batch,
+)
+from pipeline.bayes.head import BayesHead
+from pipeline.bayes.kron import KronFactors, KronPosterior
+
+TOL = {"rtol": 1e-12, "atol": 1e-13}
+
+
+def random_probs(n: int, k: int, c: int, seed: int, sharpness: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharpness * torch.randn(n, k, c, generator=g, dtype=torch.float64), dim=-1)
+
+
+def plain_entropy(p: list[float]) -> float:
+    return -sum(v * math.log(v) for v in p if v > 0)
+
+
+def test_entropy_matches_formula_and_handles_zeros() -> None:
+    probs = random_probs(6, 1, 5, seed=0)[:, 0]
+    expected = torch.tensor([plain_entropy(row.tolist()) for row in probs], dtype=torch.float64)
+    torch.testing.assert_close(entropy(probs), expected, **TOL)
+    # One-hot rows have zero entropy (0 log 0 = 0), uniform rows log C.
+    onehot_uniform = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(entropy(onehot_uniform), torch.tensor([0.0, math.log(4)], dtype=torch.float64))
+
+
+def test_bald_matches_loop_over_draws() -> None:
+    probs = random_probs(5, 7, 4, seed=1)
+    expected = []
+    for n in range(5):
+        mean = [sum(float(probs[n, k, c]) for k in range(7)) / 7 for c in range(4)]
+        expected_entropy = sum(plain_entropy(probs[n, k].tolist()) for k in range(7)) / 7
+        expected.append(plain_entropy(mean) - expected_entropy)
+    torch.testing.assert_close(bald(probs), torch.tensor(expected, dtype=torch.float64), **TOL)
+
+
+def plain_epig(pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """EPIG(x) = (1/Nt) Σ_t (H[p̄(y|x)] + H[p̄(y*|x_t)] − H[p(y, y*)]), every sum written out."""
+    n_pool, k, c = pool.shape
+    n_target, _, c_t = target.shape
+    out = []
+    for n in range(n_pool):
+        pool_mean = [sum(float(pool[n, j, y]) for j in range(k)) / k for y in range(c)]
+        total = 0.0
+        for t in range(n_target):
+            target_mean = [sum(float(target[t, j, y]) for j in range(k)) / k for y in range(c_t)]
+            joint = [
+                sum(float(pool[n, j, y]) * float(target[t, j, z]) for j in range(k)) / k
+                for y in range(c)
+                for z in range(c_t)
+            ]
+            total += plain_entropy(pool_mean) + plain_entropy(target_mean) - plain_entropy(joint)
+        out.append(total / n_target)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_epig_matches_plain_formula() -> None:
+    pool = random_probs(4, 6, 3, seed=2)
+    target = random_probs(5, 6, 3, seed=3)
+    torch.testing.assert_close(epig(pool, target), plain_epig(pool, target), **TOL)
+
+
+def test_epig_chunked_equals_unchunked_and_is_nonnegative() -> None:
+    pool = random_probs(37, 16, 5, seed=4)
+    target = random_probs(23, 16, 5, seed=5)
+    whole = epig(pool, target, chunk_size=1000, target_chunk_size=1000)
+    for chunk, target_chunk in [(1, 1), (5, 7), (8, 23), (36, 4)]:
+        torch.testing.assert_close(
+            epig(pool, target, chunk_size=chunk, target_chunk_size=target_chunk), whole, **TOL
+        )
+    # EPIG is the mutual information of the joint p(y, y*), whose marginals are p̄(y) and p̄(y*): ≥ 0.
+    assert whole.min() > -1e-12
+
+
+def test_epig_of_identical_draws_is_zero() -> None:
+    # All draws equal: parameters carry no information, EPIG = 0 (up to rounding).
+    pool = random_probs(6, 1, 4, seed=6).expand(6, 10, 4)
+    target = random_probs(3, 1, 4, seed=7).expand(3, 10, 4)
+    torch.testing.assert_close(epig(pool, target), torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ---- with a small BayesHead built from random Kronecker factors ------------------------------------------
+
+
+def random_posterior(d: int, D: int, seed: int, prior_precision: float) -> KronPosterior:
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(40, d, generator=g, dtype=torch.float64)
+    jac = torch.randn(40, D, generator=g, dtype=torch.float64)
+    factors = KronFactors(A=acts.T @ acts, B=jac.T @ jac, n=40.0)
+    weight = torch.randn(D, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    return KronPosterior(factors, weight, prior_precision=prior_precision)
+
+
+@pytest.fixture
+def head() -> BayesHead:
+    # Weak prior precision: wide posterior, so the parameters carry plenty of information about labels.
+    d, dt, D = 32, 10, 6
+    return BayesHead(
+        random_posterior(d, D, seed=10, prior_precision=2.0),
+        random_posterior(dt, D, seed=11, prior_precision=2.0),
+        scale=8.0,
+    )
+
+
+def random_acts(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_joint_draws_make_self_epig_positive_and_independent_draws_do_not(head: BayesHead) -> None:
+    acts = random_acts(30, 32, seed=20)
+    text = random_acts(4, 10, seed=21)
+    k = 64
+    pool, target = head.sample_probs([acts, acts], text, k, generator=torch.Generator().manual_seed(0))
+    joint = torch.stack([epig(pool[i : i + 1], target[i : i + 1]) for i in range(30)]).squeeze(1)  # [30]
+    # Break the pairing: shuffle the draw axis of the target independently per point.
+    g = torch.Generator().manual_seed(1)
+    shuffled = torch.stack([target[i, torch.randperm(k, generator=g)] for i in range(30)])
+    broken = torch.stack([epig(pool[i : i + 1], shuffled[i : i + 1]) for i in range(30)]).squeeze(1)
+    # Independent noise per logit (what the published code does): two separate ProbLogits draws.
+    logits = head.logits(acts, text)
+    pool_ind = logits.sample_probs(k, generator=torch.Generator().manual_seed(2))
+    target_ind = logits.sample_probs(k, generator=torch.Generator().manual_seed(3))
+    independent = torch.stack([epig(pool_ind[i : i + 1], target_ind[i : i + 1]) for i in range(30)]).squeeze(
+        1
+    )
+    # With shared draws self-EPIG equals the information two labels of x share through θ (≈ BALD scale).
+    assert joint.mean() > 5 * broken.mean()
+    assert joint.mean() > 5 * independent.mean()
+    assert (joint > broken).float().mean() > 0.9
+
+
+def test_select_batch_invariants(head: BayesHead) -> None:
+    pool = random_acts(25, 32, seed=30)
+    text = random_acts(4, 10, seed=31)
+    targets = random_acts(10, 32, seed=32)
+    for method in ("epig", "bald"):
+        sel = select_batch(head, pool, text, 6, method=method, target_acts=targets, k=32)
+        assert len(sel.indices) == len(sel.scores) == 6
+        assert len(set(sel.indices)) == 6
+        assert all(0 <= i < 25 for i in sel.indices)
+    assert select_batch(head, pool, text, 0, k=8).indices == []
+    with pytest.raises(ValueError, match="budget"):
+        select_batch(head, pool, text, 26, k=8)
+
+
+def test_select_batch_is_deterministic_given_the_generator(head: BayesHead) -> None:
+    pool = random_acts(20, 32, seed=33)
+    text = random_acts(4, 10, seed=34)
+    a = select_batch(head, pool, text, 4, k=16, generator=torch.Generator().manual_seed(5))
+    b = select_batch(head, pool, text, 4, k=16, generator=torch.Generator().manual_seed(5))
+    assert a == b
+
+
+@pytest.mark.parametrize("method", ["bald", "epig"])
+def test_a_pick_lowers_its_near_duplicate_more_than_far_points(head: BayesHead, method: str) -> None:
+    # Common random numbers: the same seed before and after the update. This compares like with like only
+    # because posterior draws are a smooth function of the factors (symmetric matrix square roots).
+    g = torch.Generator().manual_seed(40)
+    far = torch.randn(15, 32, generator=g, dtype=torch.float64)
+    pick = torch.randn(1, 32, generator=g, dtype=torch.float64)
+    twin = pick + 1e-3 * torch.randn(1, 32, generator=g, dtype=torch.float64)
+    pool = torch.cat([pick, twin, far])  # [17, 32]: 0 is picked, 1 its near duplicate
+    text = random_acts(4, 10, seed=41)
+    targets = random_acts(12, 32, seed=42)
+    before = score_pool(head, pool, text, method=method, target_acts=targets, k=64, seed=7)
+    after_head = condition_on_unlabelled(head, pool[:1], text)
+    after = score_pool(after_head, pool, text, method=method, target_acts=targets, k=64, seed=7)
+    relative_drop = (before - after) / before  # [17]
+    assert relative_drop[1] > relative_drop[2:].max()
+    assert relative_drop[1] > 3 * relative_drop[2:].mean().clamp_min(0.01)
+    # The conditioned head's image factors grew by exactly one point.
+    assert after_head.image.factors.n == head.image.factors.n + 1
