@@ -7,6 +7,7 @@ until no member of the group is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -43,6 +44,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nobody listens on `port` (connections of a stopped server lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -113,12 +125,16 @@ def wait_healthy(
         if check():
             return
         if not is_running(record):
-            raise RuntimeError(f"{name} exited before becoming healthy; log {record.log}:\n{_tail(record.log)}")
+            raise RuntimeError(
+                f"{name} exited before becoming healthy; log {record.log}:\n{_tail(record.log)}"
+            )
         time.sleep(interval)
     raise TimeoutError(f"{name} not healthy after {timeout:.0f} s; log {record.log}:\n{_tail(record.log)}")
 
 
-def http_ok(url: str, expect: Callable[[requests.Response], bool] | None = None, timeout: float = 2.0) -> bool:
+def http_ok(
+    url: str, expect: Callable[[requests.Response], bool] | None = None, timeout: float = 2.0
+) -> bool:
     try:
         response = requests.get(url, timeout=timeout)
     except requests.RequestException:
@@ -153,10 +169,8 @@ def stop(record: ProcessRecord, timeout: float = 15.0) -> bool:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid: int) -> None:

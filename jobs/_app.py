@@ -9,8 +9,19 @@ from typing import Any
 
 import typer
 
-# Errors that mean "the user asked for something wrong": printed as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+# Errors that mean "the user asked for something wrong", or a service said no: one line, exit code 2.
+# The connectors' own errors (e.g. a refused Label Studio token) are written to be shown as they are.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    TimeoutError,
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, USER_ERRORS) or type(exc).__module__.startswith("connectors.")
 
 
 def run_command(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str) -> int:
@@ -32,8 +43,8 @@ def run_command(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str) -
     except typer.TyperException as exc:  # usage errors: typer vendors click, so these are its classes
         exc.show()  # type: ignore[attr-defined]
         return int(getattr(exc, "exit_code", 2))
-    except USER_ERRORS as exc:
-        if os.environ.get("BAYESCURATE_DEBUG"):
+    except Exception as exc:
+        if not is_user_error(exc) or os.environ.get("BAYESCURATE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -75,9 +75,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         state = ensure_services(cfg.state_dir)
         tracking_uri = state.mlflow_url
     else:
-        state_dir = Path(cfg.state_dir or ".state").absolute()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tracking_uri = f"sqlite:///{state_dir}/mlflow.db"
+        from connectors.tracking import local_tracking_uri
+
+        tracking_uri = local_tracking_uri(cfg.state_dir)
     track = {"tracking_uri": tracking_uri, "experiment": cfg.project}
     shifted = {"domain": cfg.target_domain, "severity": cfg.target_severity}
     half = cfg.pool // 2

@@ -1,0 +1,82 @@
+"""`bayescurate services up|down|status`: the local Label Studio and MLflow servers.
+
+`up` is idempotent (servers already running are kept) and prints URLs and the token FILE, never the token;
+`down` stops exactly the processes `up` started; `status` checks their health (exit code 1 if one is down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from connectors import services
+from jobs._app import run_command
+
+
+class Action(str, Enum):
+    UP = "up"
+    """Start the servers that are not running yet."""
+    DOWN = "down"
+    """Stop the servers recorded in the state dir."""
+    STATUS = "status"
+    """Report URL, pid and health of each recorded server."""
+
+
+def command(
+    action: Action = typer.Argument(..., help="up, down or status"),
+    state_dir: Path | None = typer.Option(
+        None,
+        "--state-dir",
+        help="Where data, logs and services.json live [default: $BAYESCURATE_STATE_DIR or ./.state]",
+    ),
+    no_labelstudio: bool = typer.Option(False, "--no-labelstudio", help="Leave Label Studio alone."),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Leave MLflow alone."),
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="Label Studio local-files document root [default: STATE_DIR/images]"
+    ),
+) -> int:
+    """Start, stop or check the local Label Studio and MLflow servers."""
+    labelstudio, mlflow = not no_labelstudio, not no_mlflow
+    if action == Action.UP:
+        state = services.ensure_services(
+            state_dir, labelstudio=labelstudio, mlflow=mlflow, image_root=image_root
+        )
+        _print_up(state)
+        return 0
+    if action == Action.DOWN:
+        stopped = services.stop_services(state_dir, labelstudio=labelstudio, mlflow=mlflow)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    report = services.service_status(state_dir)
+    wanted = {"mlflow": mlflow, "label_studio": labelstudio}
+    unhealthy = False
+    for name, info in report.items():
+        if not wanted[name]:
+            continue
+        if "url" not in info:
+            print(f"{name:<13} not started")
+            continue
+        health = (
+            "healthy" if info["healthy"] else ("running, not answering" if info["running"] else "stopped")
+        )
+        unhealthy |= not info["healthy"]
+        print(f"{name:<13} {info['url']:<26} pid {info['pid']:<8} {health}  (log {info['log']})")
+    return 1 if unhealthy else 0
+
+
+def _print_up(state: services.ServicesState) -> None:
+    if state.mlflow is not None:
+        print(f"MLflow        {state.mlflow.url}   (UI; export MLFLOW_TRACKING_URI={state.mlflow.url})")
+    ls = state.label_studio
+    if ls is not None:
+        print(f"Label Studio  {ls.url}   (UI login in {ls.admin_file})")
+        print(f"API token     in {ls.token_file}   (export LABEL_STUDIO_API_KEY=$(cat {ls.token_file}))")
+        print(f"Images        {ls.image_root}   (local-files document root)")
+    print(f"State         {state.state_dir / services.STATE_FILE}   (`bayescurate services down` stops them)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(command, argv, "bayescurate services")

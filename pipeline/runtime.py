@@ -1,0 +1,141 @@
+"""Ray start-up and cluster sizing for the jobs.
+
+Local by default: an embedded Ray with token auth off (`RAY_AUTH_MODE=disabled`), no dashboard, a short
+temp dir under /tmp. `address` ("auto", "ray://host:10001", "host:6379") joins a cluster instead, which is
+also what a job does when started by `ray job submit` (then `RAY_ADDRESS` is set and an existing connection
+is reused).
+
+Pool sizing avoids the actor-pool deadlock of small machines: every model actor pins its CPUs for the whole
+run, so the pool is sized from the cluster's resources with `reserve_cpus` left for read/decode tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How the stages of a run are spread over a cluster."""
+
+    actors: int  # model actors in the pool
+    actor_cpus: float  # logical CPUs per model actor (also its torch thread count, at least 1)
+    actor_gpus: float  # GPUs per model actor (1 when the cluster has GPUs)
+    device: str  # "cuda" or "cpu" for the model
+    decode_cpus: float  # logical CPUs per decode task
+    read_cpus: float  # logical CPUs per read task
+
+
+def default_temp_dir() -> str:
+    # Ray's socket paths must stay under ~107 characters: keep the root short.
+    return os.environ.get("BAYESCURATE_RAY_TMP", os.path.join(tempfile.gettempdir(), f"bcray-{os.getuid()}"))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"log_to_driver": False, "logging_level": "warning"}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir or default_temp_dir(),
+            **quiet,
+        )
+    configure_data(progress=None)
+    return True
+
+
+def configure_data(progress: bool | None = None) -> None:
+    """Ray Data settings: progress bars only in a terminal (or as asked), no verbose stats."""
+    import sys
+
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def plan_pool(
+    resources: dict[str, Any] | None = None,
+    *,
+    reserve_cpus: float | None = None,
+    max_actors: int | None = None,
+) -> PoolPlan:
+    """Size the model actor pool from the cluster: one actor per GPU, else CPUs minus `reserve_cpus`
+    (default: one read task plus one decode task).
+
+    On 2 CPUs this gives one 1-CPU actor and leaves one CPU for a decode task plus reads; two 1-CPU actors
+    there starve the read tasks and the run hangs.
+    """
+    res = resources if resources is not None else cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+    if cpus <= 0:
+        raise ValueError(f"the Ray cluster has no CPUs ({res}); reads and decoding need at least one")
+    read_cpus = 0.25
+    decode_cpus = 0.75 if cpus <= 4 else 1.0
+    reserve_cpus = read_cpus + decode_cpus if reserve_cpus is None else reserve_cpus
+    if gpus >= 1:
+        actors = int(gpus)
+        spare = max(cpus - reserve_cpus, 0.0)
+        actor_cpus = min(4.0, max(0.5, math.floor(spare / actors))) if spare >= 0.5 * actors else 0.25
+        plan = PoolPlan(actors, actor_cpus, 1.0, "cuda", decode_cpus, read_cpus)
+    else:
+        actor_cpus = 1.0 if cpus >= 2 else 0.5
+        usable = cpus - min(reserve_cpus, cpus / 2)
+        actors = max(1, math.floor(usable / actor_cpus))
+        plan = PoolPlan(actors, actor_cpus, 0.0, "cpu", min(decode_cpus, cpus / 2), read_cpus)
+    if max_actors is not None:
+        plan = PoolPlan(min(plan.actors, max_actors), *list(plan.__dict__.values())[1:])
+    return plan
+
+
+def run_stages(
+    executor: str,
+    shards: Any,
+    stages: Any,
+    sink: Any,
+    *,
+    pool_size: int = 1,
+    read_cpus: float = 0.25,
+) -> dict[str, set[str]]:
+    """Run `stages` over `shards` with the local runner or on Ray; returns {stage: nodes that ran it}."""
+    from pipeline.stages.read import ReadStage
+
+    read = ReadStage(num_cpus=read_cpus)
+    if executor == "local":
+        from pipeline.stages.local import run_local
+
+        return run_local(shards, stages, sink, read=read)
+    if executor != "ray":
+        raise ValueError(f"unknown executor {executor!r}; expected 'ray' or 'local'")
+    from pipeline.stages.ray_adapter import run_ray
+
+    return run_ray(shards, stages, sink, pool_size=pool_size, read=read)
+
+
+def pixel_shape(preprocess: Any) -> tuple[int, int, int]:
+    """Shape [3, H, W] that `preprocess` produces (probed on a blank image)."""
+    from PIL import Image
+
+    probe = preprocess(Image.new("RGB", (64, 64)))
+    return tuple(int(s) for s in probe.shape)  # type: ignore[return-value]

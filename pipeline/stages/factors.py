@@ -1,0 +1,79 @@
+"""KFAC accumulation of one shard of image–text pairs, and the exact, order-independent reduction.
+
+Per contrastive block of `C` consecutive input rows (MATH §1–2): image tower sources = the block's image
+embeddings, targets = its text embeddings; text tower the reverse. `A = Σ a aᵀ` over the shard's rows,
+`B = Σ_blocks ggn(...)`, `N` = rows. Blocks never straddle shards (a shard holds whole blocks when
+`rows_per_shard` is a multiple of `C`), so the factors do not depend on how shards are spread over workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.bayes.curvature import ggn
+from pipeline.bayes.kron import KronFactors
+from pipeline.stages.base import ROW, Batch
+from pipeline.stages.decode import OK
+from pipeline.stages.embed import IMAGE_ACTS, IMAGE_EMB, TEXT_ACTS, TEXT_EMB
+
+TOWERS: tuple[str, ...] = ("image", "text")
+
+
+def shard_factors(
+    batch: Batch,
+    *,
+    block_size: int,
+    likelihood: str,
+    scale: float,
+    bias: float,
+    meta: dict[str, str | int | float],
+) -> dict[str, KronFactors]:
+    """Factors {"image", "text"} of one complete shard (rows in any order; `ROW` orders them), float64."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    ok = np.asarray(batch[OK], dtype=bool)
+    rows = np.asarray(batch[ROW])[ok]
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+
+    def col(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(batch[name][ok][order], dtype=np.float64))
+
+    img_acts, img_emb, txt_acts, txt_emb = col(IMAGE_ACTS), col(IMAGE_EMB), col(TEXT_ACTS), col(TEXT_EMB)
+    D = img_emb.shape[1] if img_emb.ndim == 2 else 0
+    b_img = torch.zeros(D, D, dtype=torch.float64)
+    b_txt = torch.zeros(D, D, dtype=torch.float64)
+    blocks = rows // block_size
+    for block in np.unique(blocks):
+        sel = torch.from_numpy(np.flatnonzero(blocks == block))
+        x, y = img_emb[sel], txt_emb[sel]  # [C, D] each
+        b_img += ggn(likelihood, x, y, scale, bias, accumulate_dtype=torch.float64)
+        b_txt += ggn(likelihood, y, x, scale, bias, accumulate_dtype=torch.float64)
+    return {
+        "image": KronFactors.from_batch(img_acts, b_img, {**meta, "tower": "image"}),
+        "text": KronFactors.from_batch(txt_acts, b_txt, {**meta, "tower": "text"}),
+    }
+
+
+def sum_factors(factors: Iterable[KronFactors]) -> KronFactors:
+    """Exact merge (`A + A'`, `B + B'`, `N + N'`) of factors from disjoint shards."""
+    items = list(factors)
+    if not items:
+        raise ValueError("no factors to merge")
+    total = items[0]
+    for f in items[1:]:
+        total = total + f
+    return total
+
+
+def load_and_sum(paths: list[str]) -> KronFactors:
+    """Sum of the factor files `paths`, in sorted path order (one leaf of the reduction tree)."""
+    return sum_factors(KronFactors.load(p) for p in sorted(paths))
+
+
+def factor_path(directory: str | Path, shard_id: str, tower: str) -> str:
+    return f"{directory}/part-{shard_id}.{tower}.safetensors"

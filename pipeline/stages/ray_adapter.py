@@ -1,0 +1,105 @@
+"""The one place stages meet Ray: each stage becomes a `map_batches` operator with its declared resources.
+
+Why Ray Data over hand-rolled tasks: its streaming executor already gives back-pressure (bounded memory
+regardless of corpus size), overlaps reading, decoding (CPU tasks) and the model (actor pool, model loaded
+once per actor), and restarts dead actors and retries their batches. Exactly-once comes from the driver
+side: shards are reassembled from the output stream (`ShardAssembler`) and committed atomically by a sink
+with a completion marker, so a retried batch can never duplicate a row in the output, and a rerun skips
+committed shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline.data.sources import Shard
+from pipeline.stages.base import Batch, Stage, num_rows, object_array
+from pipeline.stages.read import ReadStage, shard_batch
+from pipeline.stages.shards import ShardAssembler
+
+NODE_PREFIX = "_node_"  # column `_node_<stage>`: the Ray node that ran the stage on that row
+
+
+def _tag_node(batch: Batch, stage: str) -> Batch:
+    batch[NODE_PREFIX + stage] = object_array([ray.get_runtime_context().get_node_id()] * num_rows(batch))
+    return batch
+
+
+class _StageActor:
+    """Actor wrapper of a stateful stage: `setup` (model load) once, then one call per batch."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        stage.setup()
+        stage._ready = True
+
+    def __call__(self, batch: Batch) -> Batch:
+        return _tag_node(self.stage(batch), self.stage.name)
+
+
+def _task_fn(stage: Stage) -> Callable[[Batch], Batch]:
+    def run(batch: Batch) -> Batch:
+        return _tag_node(stage(batch), stage.name)
+
+    return run
+
+
+def map_stage(ds: ray.data.Dataset, stage: Stage, *, pool_size: int = 1) -> ray.data.Dataset:
+    """`ds.map_batches` for `stage`: an actor pool of `pool_size` for stateful stages, tasks otherwise."""
+    r = stage.resources
+    common: dict[str, Any] = {"batch_size": r.batch_size, "batch_format": "numpy", "num_cpus": r.num_cpus}
+    if r.stateful:
+        return ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(stage,),
+            compute=ray.data.ActorPoolStrategy(size=pool_size),
+            num_gpus=r.num_gpus,
+            **common,
+        )
+    return ds.map_batches(_task_fn(stage), **common)
+
+
+def run_ray(
+    shards: Sequence[Shard],
+    stages: Sequence[Stage],
+    sink: Callable[[str, Batch], Any],
+    *,
+    pool_size: int = 1,
+    read: ReadStage | None = None,
+) -> dict[str, set[str]]:
+    """Stream `shards` through read -> `stages` on Ray and hand every complete shard to `sink` (driver side).
+
+    Returns {stage name: node ids that ran it}.
+    """
+    if not shards:
+        return {}
+    read = read or ReadStage()
+    ds = ray.data.from_items(
+        [{k: v[0] for k, v in shard_batch([s]).items()} for s in shards], override_num_blocks=len(shards)
+    )
+    for stage in [read, *stages]:
+        ds = map_stage(ds, stage, pool_size=pool_size)
+    assembler = ShardAssembler()
+    nodes: dict[str, set[str]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for key in [k for k in batch if k.startswith(NODE_PREFIX)]:
+            nodes.setdefault(key.removeprefix(NODE_PREFIX), set()).update(np.unique(batch.pop(key)).tolist())
+        for shard_id, rows in assembler.add(batch):
+            sink(shard_id, rows)
+    if assembler.pending():
+        raise RuntimeError(f"shards left incomplete after the stream ended: {assembler.pending()}")
+    return nodes
+
+
+def remote(fn: Callable[..., Any], *, num_cpus: float = 0.25, max_retries: int = 3) -> Any:
+    """`ray.remote(fn)` with retries (also on exceptions): for retry-safe helper tasks (factor sums)."""
+    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
+
+
+def call_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
+    """`(fn(*args), id of the node that ran it)`: the body of helper tasks whose placement is reported."""
+    return fn(*args), ray.get_runtime_context().get_node_id()

@@ -1,0 +1,79 @@
+"""Run by test_multinode.py in a fresh process: a head + 2 worker nodes `ray.cluster_utils.Cluster`,
+fit-posterior on it and in-process, then print a JSON report (factor differences, nodes that did work)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray writes the cluster address under its temp root: keep it out of the shared /tmp/ray.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="bcmn", dir="/tmp")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main(work: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs import fit_posterior, make_world
+    from pipeline import runtime
+    from pipeline.bayes.kron import KronFactors
+    from pipeline.posterior_artifact import read_info
+
+    model = "factory:tests.stages.standin:load"
+    make_world.main(["--out", f"{work}/world", "--n", "600", "--per-file", "200"])
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1},
+    )
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(
+            address=cluster.address,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}},
+        )
+        runtime.configure_data(progress=False)
+        all_nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        args = [
+            "--pairs",
+            f"{work}/world",
+            "--model",
+            model,
+            "--block-size",
+            "50",
+            "--rows-per-shard",
+            "50",
+            "--no-tracking",
+        ]
+        rc_cluster = fit_posterior.main([*args, "--out", f"{work}/cluster"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    rc_local = fit_posterior.main([*args, "--out", f"{work}/local", "--executor", "local"])
+    diffs = {}
+    for tower in ("image", "text"):
+        a = KronFactors.load(f"{work}/cluster/{tower}.safetensors")
+        b = KronFactors.load(f"{work}/local/{tower}.safetensors")
+        diffs[tower] = {
+            "A": float((a.A - b.A).abs().max()),
+            "B": float((a.B - b.B).abs().max()),
+            "scale": float(b.B.abs().max()),
+            "n": [a.n, b.n],
+        }
+    nodes = read_info(f"{work}/cluster")["data"]["nodes"]
+    print(
+        "REPORT "
+        + json.dumps({"rc": [rc_cluster, rc_local], "diffs": diffs, "nodes": nodes, "all_nodes": all_nodes})
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
