@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.bayes.curvature import ggn
+from pipeline.bayes import contrastive
 from pipeline.bayes.head import BayesHead
 from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
 from pipeline.data.synthetic import World, class_names, prompts
@@ -147,20 +147,17 @@ def contrastive_factors(
     """
     if images.acts.shape[0] != texts.acts.shape[0]:
         raise ValueError(f"got {images.acts.shape[0]} images but {texts.acts.shape[0]} captions")
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2 (a contrastive block), got {block_size}")
-    g = images.embeddings(image_weight)  # [N, D]
-    h = texts.embeddings(text_weight)  # [N, D]
-    b_image = torch.zeros(g.shape[1], g.shape[1], dtype=DTYPE)
-    b_text = torch.zeros_like(b_image)
-    for lo in range(0, g.shape[0], block_size):
-        gb, hb = g[lo : lo + block_size], h[lo : lo + block_size]
-        b_image += ggn(likelihood, gb, hb, scale, bias)
-        b_text += ggn(likelihood, hb, gb, scale, bias)
-    meta = dict(meta or {})
-    image = KronFactors.from_batch(images.acts, b_image, meta={**meta, "tower": "image"})
-    text = KronFactors.from_batch(texts.acts, b_text, meta={**meta, "tower": "text"})
-    return image, text
+    return contrastive.contrastive_factors(
+        images.acts,
+        images.embeddings(image_weight),
+        texts.acts,
+        texts.embeddings(text_weight),
+        likelihood,
+        scale,
+        bias,
+        block_size=block_size,
+        meta=meta,
+    )
 
 
 def fit_head(

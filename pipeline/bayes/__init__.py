@@ -4,6 +4,7 @@ See ../shared/MATH.md for the specification each function docstring refers to.
 """
 
 from pipeline.bayes.acquisition import Method, Selection, bald, entropy, epig, score_pool, select_batch
+from pipeline.bayes.contrastive import contrastive_factors
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.bayes.curvature import Likelihood, ggn, infonce_ggn, siglip_ggn
 from pipeline.bayes.head import BayesHead
@@ -37,6 +38,7 @@ __all__ = [
     "brier",
     "calibration_report",
     "candidates",
+    "contrastive_factors",
     "ece",
     "entropy",
     "epig",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bayes.curvature import ggn
+from pipeline.bayes.contrastive import contrastive_factors
 from pipeline.bayes.kron import KronFactors
 from pipeline.stages.base import ROW, Batch
 from pipeline.stages.decode import OK
@@ -43,20 +43,18 @@ def shard_factors(
     def col(name: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(batch[name][ok][order], dtype=np.float64))
 
-    img_acts, img_emb, txt_acts, txt_emb = col(IMAGE_ACTS), col(IMAGE_EMB), col(TEXT_ACTS), col(TEXT_EMB)
-    D = img_emb.shape[1] if img_emb.ndim == 2 else 0
-    b_img = torch.zeros(D, D, dtype=torch.float64)
-    b_txt = torch.zeros(D, D, dtype=torch.float64)
-    blocks = rows // block_size
-    for block in np.unique(blocks):
-        sel = torch.from_numpy(np.flatnonzero(blocks == block))
-        x, y = img_emb[sel], txt_emb[sel]  # [C, D] each
-        b_img += ggn(likelihood, x, y, scale, bias, accumulate_dtype=torch.float64)
-        b_txt += ggn(likelihood, y, x, scale, bias, accumulate_dtype=torch.float64)
-    return {
-        "image": KronFactors.from_batch(img_acts, b_img, {**meta, "tower": "image"}),
-        "text": KronFactors.from_batch(txt_acts, b_txt, {**meta, "tower": "text"}),
-    }
+    image, text = contrastive_factors(
+        col(IMAGE_ACTS),
+        col(IMAGE_EMB),
+        col(TEXT_ACTS),
+        col(TEXT_EMB),
+        likelihood,
+        scale,
+        bias,
+        blocks=torch.from_numpy(rows // block_size),
+        meta=meta,
+    )
+    return {"image": image, "text": text}
 
 
 def sum_factors(factors: Iterable[KronFactors]) -> KronFactors:
