@@ -1,15 +1,23 @@
 """`bayescurate bench pipeline`: the Ray embed path against a plain single-process torch loop, in one run.
 
-Reports rows/s of each and their ratio, the Bayesian overhead (embed with variance vs deterministic, both
-on Ray), where the time of the plain loop goes (decode vs model, to explain any gap), Ray start-up, and the
-peak resident memory of the whole run (driver + Ray workers) at each corpus size (streaming: it must not
-grow with the corpus).
+What it reports, per corpus size (JSON in `<out>/bench_pipeline.json`, a table on stdout):
+- plain loop rows/s: read Parquet -> decode -> preprocess -> model, one process, torch on all cores, the
+  same decode code, model, batch size and transform as the pipeline (its time split into decode and model);
+- Ray `embed` (via `jobs.embed.embed_corpus`) with variance and deterministic, alternating order, repeated:
+  end-to-end rows/s (the job's wall time, actor start and model load included), start-up (job start to the
+  first output batch on the driver), steady-state rows/s (rows after the first output batch / time from it
+  to the last), and inside the actor the seconds of the model forward and of the head (posterior mean +
+  variance, or the plain projection) per batch;
+- the peak resident memory of the run summed over the driver and every process it started (Ray's GCS,
+  raylet and workers): RSS (counts the shared object store once per process that maps it) and PSS;
+- Ray start-up (`ray.init`) once: a user embedding 10M images pays it once.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -19,51 +27,65 @@ from typing import Annotated, Any
 import pyarrow.parquet as pq
 import torch
 import typer
-from PIL import Image
 
 from connectors import storage
 from jobs import embed, fit_posterior, make_world
 from jobs._app import run_command
 from pipeline import runtime
+from pipeline.data.decode import decode_batch, split_preprocess
+from pipeline.posterior_artifact import load_posterior
+from pipeline.stages.base import trace
 from pipeline.stages.embed import ModelSpec
 
 
 class MemorySampler:
-    """Peak of the summed RSS of this process and every Ray process on the machine, sampled every 50 ms."""
+    """Peak over time of the summed RSS and PSS (MiB) of this process and all its descendants, every 0.2 s."""
 
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peak_rss_mb = self.peak_pss_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _rss_mb() -> float:
-        import os
-
-        total, me = 0, os.getpid()
+    def _family() -> list[int]:
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-                if (
-                    int(entry.name) != me
-                    and b"ray" not in cmd
-                    and b"raylet" not in cmd
-                    and b"gcs_server" not in cmd
-                ):
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
                     continue
-                for line in (entry / "status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, ValueError):
-                continue
-        return total / 1024
+                children.setdefault(ppid, []).append(int(entry.name))
+        family, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            family.append(pid)
+            todo.extend(children.get(pid, []))
+        return family
+
+    @staticmethod
+    def _rss_pss_kb(pid: int) -> tuple[int, int]:
+        rss = pss = 0
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return rss, pss
+
+    def sample(self) -> tuple[float, float]:
+        sums = [self._rss_pss_kb(pid) for pid in self._family()]
+        return sum(r for r, _ in sums) / 1024, sum(p for _, p in sums) / 1024
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
-            time.sleep(0.05)
+            rss, pss = self.sample()
+            self.peak_rss_mb, self.peak_pss_mb = max(self.peak_rss_mb, rss), max(self.peak_pss_mb, pss)
+            time.sleep(self.interval_s)
 
     def __enter__(self) -> MemorySampler:
         self._thread.start()
@@ -74,30 +96,38 @@ class MemorySampler:
         self._thread.join()
 
 
-def plain_loop(images: str, model: ModelSpec, batch_size: int) -> dict[str, float]:
-    """Read Parquet -> PIL decode -> preprocess -> model, deterministic embeddings, one process."""
+def plain_loop(
+    images: str, model: ModelSpec, posterior: str, batch_size: int, variance: bool
+) -> dict[str, Any]:
+    """Read Parquet -> decode -> preprocess -> model (+ variance) in one process, torch on all cores.
+
+    Same decode function and transform split as the pipeline's decode stage (bit-identical pixels), same
+    model and batch size; nothing overlaps: decode and model run one after the other.
+    """
+    torch.set_num_threads(os.cpu_count() or 1)
     adapter = model.load()
+    head = load_posterior(posterior, adapter) if variance else None
     weight = adapter.image_weight().detach()
+    split = split_preprocess(adapter.preprocess)
+    shape = runtime.pixel_shape(adapter.preprocess)
     start = time.perf_counter()
     decode_s = model_s = 0.0
     rows = 0
     for path in storage.list_files(images, suffix=".parquet"):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["image"]):
             t0 = time.perf_counter()
-            pixels = torch.stack(
-                [
-                    adapter.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))
-                    for b in batch.column("image").to_pylist()
-                    if b
-                ]
-            )
+            decoded = decode_batch(batch.column("image").to_pylist(), adapter.preprocess, shape, split=split)
+            ok = decoded.pixels[decoded.ok]
+            pixels = split.finish(ok) if split is not None else torch.from_numpy(ok)  # [B, 3, H, W]
             t1 = time.perf_counter()
             with torch.inference_mode():
                 feats = adapter.image_features(pixels)
-                mean = feats.acts @ weight.T.to(feats.acts)
-                if feats.offset is not None:
-                    mean = mean + feats.offset
-                _ = mean.numpy()
+                if head is not None:
+                    mean, var = head.image_embeddings(feats.acts, feats.offset)
+                    _ = (mean.numpy(), var.numpy())
+                else:
+                    mean = feats.acts @ weight.T.to(feats.acts)
+                    _ = (mean if feats.offset is None else mean + feats.offset).numpy()
             model_s += time.perf_counter() - t1
             decode_s += t1 - t0
             rows += len(pixels)
@@ -111,6 +141,65 @@ def plain_loop(images: str, model: ModelSpec, batch_size: int) -> dict[str, floa
     }
 
 
+def ray_embed(
+    corpus: Path, target: Path, posterior: Path, variance: bool, batch_size: int, rows_per_shard: int
+) -> dict[str, Any]:
+    """One `embed` job on the running Ray, traced: end-to-end, start-up, steady state, actor times, memory."""
+    storage.remove(str(target))
+    cfg = embed.load_config(
+        embed.EmbedConfig,
+        None,
+        images=str(corpus),
+        out=str(target),
+        posterior=str(posterior),
+        variance=variance,
+        rows_per_shard=rows_per_shard,
+        batch_size=batch_size,
+    )
+    with MemorySampler() as mem, trace() as tr:
+        summary = embed.embed_corpus(cfg)
+    times = [t for t, _ in tr.arrivals]
+    rows = [r for _, r in tr.arrivals]
+    first, last = times[0], times[-1]
+    steady_rows = sum(rows[1:])
+    out = {
+        "rows": summary["embedded"],
+        "seconds": summary["seconds"],
+        "rows_per_s": summary["embedded"] / summary["seconds"],
+        "setup_s": summary["setup_s"],
+        "startup_s": first - tr.started,
+        "output_batches": len(rows),
+        "steady_rows_per_s": steady_rows / (last - first) if last > first else float("nan"),
+        # Fixed cost of the run: wall time beyond what its rows take at the steady rate (actor start, model
+        # load, filling the pipeline, draining it, job bookkeeping).
+        "overhead_s": summary["seconds"] - summary["embedded"] * (last - first) / steady_rows
+        if last > first
+        else float("nan"),
+        "actor_forward_s": tr.stage_s.get("embed_forward", 0.0),
+        "actor_head_s": tr.stage_s.get("embed_head", 0.0),
+        "peak_rss_mb": mem.peak_rss_mb,
+        "peak_pss_mb": mem.peak_pss_mb,
+    }
+    storage.remove(str(target))
+    return out
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _spread(runs: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in runs]
+    return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
+def _world(work: Path, size: int) -> Path:
+    corpus = work / f"world-{size}"
+    if not (corpus / "classes").exists():
+        make_world.main(["--out", str(corpus), "--n", str(size), "--per-file", "5000"])
+    return corpus
+
+
 def command(
     out: Annotated[str, typer.Option(help="Work directory (corpus, posterior, outputs, report).")],
     n: Annotated[
@@ -121,75 +210,88 @@ def command(
     batch_size: Annotated[int, typer.Option(help="Rows per model call.")] = 256,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per shard.")] = 2048,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray.")] = None,
+    repeats: Annotated[int, typer.Option(help="Runs of each variant (alternating order).")] = 2,
+    compare_max: Annotated[
+        int, typer.Option(help="Sizes above this run only Ray embed with variance (the memory check).")
+    ] = 10000,
 ) -> int:
     """Benchmark the Ray embed pipeline against a plain torch loop."""
     work = Path(out)
     posterior = work / "posterior"
     spec = ModelSpec(model, pretrained)
-    report: dict[str, Any] = {"model": model, "batch_size": batch_size, "sizes": {}}
+    sizes = n or [10000]
+    report: dict[str, Any] = {
+        "model": model,
+        "batch_size": batch_size,
+        "rows_per_shard": rows_per_shard,
+        "cpus": os.cpu_count(),
+        "load_avg_start": os.getloadavg(),
+        "sizes": {},
+    }
+    warm = _world(work, 1000)
+    if not (posterior / "posterior.json").exists():
+        fit_posterior.main(
+            ["--pairs", str(_world(work, min(sizes))), "--model", model,
+             *(["--pretrained", pretrained] if pretrained else []), "--out", str(posterior),
+             "--block-size", "256", "--executor", "local", "--no-tracking"]
+        )  # fmt: skip
     t0 = time.perf_counter()
     started = runtime.init_ray(None, num_cpus)
     report["ray_init_s"] = time.perf_counter() - t0
     try:
-        for size in n or [10000]:
-            corpus = work / f"world-{size}"
-            if not (corpus / "classes").exists():
-                make_world.main(["--out", str(corpus), "--n", str(size), "--per-file", "5000"])
-            if not (posterior / "posterior.json").exists():
-                fit_posterior.main(
-                    [
-                        "--pairs",
-                        str(corpus),
-                        "--model",
-                        model,
-                        *(["--pretrained", pretrained] if pretrained else []),
-                        "--out",
-                        str(posterior),
-                        "--block-size",
-                        "256",
-                        "--executor",
-                        "local",
-                        "--no-tracking",
-                    ]
-                )
-            entry: dict[str, Any] = {"plain": plain_loop(str(corpus), spec, batch_size)}
-            for name, extra in (("ray_bayes", []), ("ray_deterministic", ["--no-variance"])):
-                target = work / f"emb-{size}-{name}"
-                storage.remove(str(target))
-                cfg = embed.load_config(
-                    embed.EmbedConfig,
-                    None,
-                    images=str(corpus),
-                    out=str(target),
-                    posterior=str(posterior),
-                    variance=not extra,
-                    rows_per_shard=rows_per_shard,
-                    batch_size=batch_size,
-                )
-                with MemorySampler() as mem:
-                    summary = embed.embed_corpus(cfg)
-                entry[name] = {
-                    "rows": summary["embedded"],
-                    "seconds": summary["seconds"],
-                    "rows_per_s": summary["embedded"] / summary["seconds"],
-                    "setup_s": summary["setup_s"],
-                    "peak_rss_mb": mem.peak_mb,
+        # Cold run: fresh worker processes import torch; later runs reuse them (the actor still starts anew).
+        report["cold_run_1k"] = ray_embed(
+            warm, work / "emb-warm", posterior, True, batch_size, rows_per_shard
+        )
+        for size in sizes:
+            corpus = _world(work, size)
+            entry: dict[str, Any] = {}
+            if size > compare_max:
+                entry["ray_bayes"] = [
+                    ray_embed(corpus, work / "emb", posterior, True, batch_size, rows_per_shard)
+                ]
+            else:
+                plain: list[dict[str, Any]] = []
+                runs: dict[str, list[dict[str, Any]]] = {"ray_bayes": [], "ray_deterministic": []}
+                for i in range(repeats):
+                    order = [True, False] if i % 2 == 0 else [False, True]
+                    for variance in order:
+                        name = "ray_bayes" if variance else "ray_deterministic"
+                        runs[name].append(
+                            ray_embed(corpus, work / "emb", posterior, variance, batch_size, rows_per_shard)
+                        )
+                    plain.append(plain_loop(str(corpus), spec, str(posterior), batch_size, variance=False))
+                entry.update(runs)
+                entry["plain"] = plain
+                p = _median(plain, "rows_per_s")
+                b, d = runs["ray_bayes"], runs["ray_deterministic"]
+                entry["summary"] = {
+                    "plain_rows_per_s": p,
+                    "ray_rows_per_s": _median(b, "rows_per_s"),
+                    "ray_steady_rows_per_s": _median(b, "steady_rows_per_s"),
+                    "ratio_end_to_end": _median(b, "rows_per_s") / p,
+                    "ratio_steady": _median(b, "steady_rows_per_s") / p,
+                    "startup_s": _median(b, "startup_s"),
+                    "overhead_s": _median(b, "overhead_s"),
+                    "bayes_overhead_end_to_end": _median(b, "seconds") / _median(d, "seconds") - 1,
+                    "bayes_overhead_steady": _median(d, "steady_rows_per_s") / _median(b, "steady_rows_per_s")
+                    - 1,
+                    "variance_share_in_actor": (_median(b, "actor_head_s") - _median(d, "actor_head_s"))
+                    / _median(d, "actor_forward_s"),
+                    "spread_ray_bayes_seconds": _spread(b, "seconds"),
+                    "spread_plain_seconds": _spread(plain, "seconds"),
                 }
-            entry["ratio_ray_vs_plain"] = entry["ray_bayes"]["rows_per_s"] / entry["plain"]["rows_per_s"]
-            entry["ratio_ray_deterministic_vs_plain"] = (
-                entry["ray_deterministic"]["rows_per_s"] / entry["plain"]["rows_per_s"]
-            )
-            entry["bayes_overhead"] = (
-                entry["ray_bayes"]["seconds"] / entry["ray_deterministic"]["seconds"] - 1
-            )
+            entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in entry["ray_bayes"])
+            entry["peak_pss_mb"] = max(r["peak_pss_mb"] for r in entry["ray_bayes"])
             report["sizes"][str(size)] = entry
-            print(json.dumps({str(size): entry}, indent=2))
+            print(json.dumps({str(size): entry.get("summary", entry)}, indent=2, default=float))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    storage.write_json(work / "bench_pipeline.json", report)
+    report["load_avg_end"] = os.getloadavg()
+    storage.write_json(work / "bench_pipeline.json", json.loads(json.dumps(report, default=float)))
     return 0
 
 

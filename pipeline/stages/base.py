@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -12,6 +15,9 @@ Batch = dict[str, np.ndarray]
 SHARD = "_shard"  # shard id
 SHARD_ROWS = "_shard_rows"  # number of input rows of the shard (to know when it is complete)
 ROW = "_row"  # row index inside the shard (restores input order after parallel processing)
+# Columns `_t_<what>`: seconds a stage spent on each row (its batch time split over the rows). Runners pop
+# and sum them (`pop_timings`), so they never reach a sink; the benchmark reads the sums.
+TIMING_PREFIX = "_t_"
 
 
 @dataclass(frozen=True)
@@ -81,3 +87,44 @@ def object_array(values: list[object]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
+
+
+def pop_timings(batch: Batch) -> dict[str, float]:
+    """Remove the timing columns of `batch`; returns {what: summed seconds}."""
+    keys = [k for k in batch if k.startswith(TIMING_PREFIX)]
+    return {k.removeprefix(TIMING_PREFIX): float(np.sum(batch.pop(k))) for k in keys}
+
+
+@dataclass
+class RunTrace:
+    """Driver-side timeline of the runs made while it is active: when output batches arrived, stage times."""
+
+    started: float = field(default_factory=time.perf_counter)  # perf_counter at `trace()` entry
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, rows) per output batch
+    stage_s: dict[str, float] = field(default_factory=dict)  # summed timing columns (`pop_timings`)
+
+    def record(self, rows: int, timings: dict[str, float]) -> None:
+        self.arrivals.append((time.perf_counter(), rows))
+        for key, seconds in timings.items():
+            self.stage_s[key] = self.stage_s.get(key, 0.0) + seconds
+
+
+_TRACES: list[RunTrace] = []
+
+
+@contextmanager
+def trace() -> Iterator[RunTrace]:
+    """`with trace() as t: run(...)`: the runners record into `t` (benchmarks; no cost when unused)."""
+    t = RunTrace()
+    _TRACES.append(t)
+    try:
+        yield t
+    finally:
+        _TRACES.remove(t)
+
+
+def record_output(batch: Batch) -> None:
+    """Runners call this on every output batch: pops its timing columns and feeds the active traces."""
+    timings = pop_timings(batch)
+    for t in _TRACES:
+        t.record(num_rows(batch), timings)

@@ -2,6 +2,10 @@
 
 Rows that fail are not dropped: they travel on with `ok = False` and their quarantine reason, so the driver
 sees every input row exactly once and knows when a shard is complete. Their pixels are zeros.
+
+When the transform is a standard [resize/crop..., ToTensor, Normalize] (`split_preprocess`), the pixels
+travel as uint8 [N, H, W, 3] and the model stage finishes them (`model_pixels`): a quarter of the bytes
+through the object store and a batched float conversion, with bit-identical model inputs.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-from pipeline.data.decode import Limits, decode_batch
+from pipeline.data.decode import Limits, decode_batch, split_preprocess
 from pipeline.stages.base import Batch, Resources, Stage, object_array
 
 PIXELS, OK, REASON, ERROR = "pixels", "ok", "reason", "error"
@@ -31,8 +35,10 @@ class DecodeStage(Stage):
         limits: Limits = Limits(),
         num_cpus: float = 1.0,
         batch_size: int = 256,
+        compact: bool = True,
     ) -> None:
         self.preprocess = preprocess
+        self.split = split_preprocess(preprocess) if compact else None  # uint8 pixels when not None
         self.pixel_shape = tuple(pixel_shape)
         self.require_caption = require_caption
         self.limits = limits
@@ -55,6 +61,7 @@ class DecodeStage(Stage):
             captions=None if captions is None else list(captions),
             read_errors=list(batch["read_error"]) if "read_error" in batch else None,
             limits=self.limits,
+            split=self.split,
         )
         out = {k: v for k, v in batch.items() if k not in ("image", "read_error")}
         out[PIXELS] = decoded.pixels

@@ -9,15 +9,21 @@ inputs of the KFAC accumulation (`pipeline.stages.factors`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.stages.base import Batch, Resources, Stage
+from pipeline.data.decode import SplitPreprocess, split_preprocess
+from pipeline.stages.base import TIMING_PREFIX, Batch, Resources, Stage
 from pipeline.stages.decode import ERROR, OK, PIXELS, REASON
 
 MEAN, VAR, ACTS = "mean", "var", "acts"
+# Seconds spent per row (the batch's time split evenly over its rows), dropped by the runners after
+# summing them (see `pipeline.stages.base.TIMING_PREFIX`): model forward, and the head (projection, or
+# posterior mean + variance).
+T_FORWARD, T_HEAD = TIMING_PREFIX + "embed_forward", TIMING_PREFIX + "embed_head"
 IMAGE_ACTS, IMAGE_EMB, IMAGE_OFFSET = "image_acts", "image_emb", "image_offset"
 TEXT_ACTS, TEXT_EMB, TEXT_OFFSET = "text_acts", "text_emb", "text_offset"
 
@@ -60,6 +66,23 @@ class _ModelStage(Stage):
 
         torch.set_num_threads(_threads(self.resources.num_cpus))
         self.adapter = self.model.load()
+        try:
+            preprocess = self.adapter.preprocess
+        except (AttributeError, ValueError):  # a model without a transform: only float pixels can arrive
+            preprocess = None
+        self.split: SplitPreprocess | None = split_preprocess(preprocess) if preprocess is not None else None
+
+    def model_pixels(self, pixels: np.ndarray) -> Any:
+        """Decoded pixels -> the model input [N, 3, H, W] float (finishing uint8 pixels: DecodeStage)."""
+        import torch
+
+        if pixels.dtype == np.uint8:
+            if self.split is None:
+                raise ValueError(
+                    f"uint8 pixels arrived but the preprocess of model {self.model.name!r} cannot be split"
+                )
+            return self.split.finish(pixels).to(self.model.device)
+        return torch.from_numpy(np.ascontiguousarray(pixels)).to(self.model.device)
 
     def __getstate__(self) -> dict[str, Any]:
         # Ship the recipe, never a loaded model: each actor loads its own once.
@@ -115,9 +138,11 @@ class EmbedStage(_ModelStage):
         n = len(ok)
         out = {k: v for k, v in batch.items() if k not in (PIXELS,)}
         with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS][ok])).to(self.model.device)
+            t0 = time.perf_counter()
+            pixels = self.model_pixels(batch[PIXELS][ok])  # [n_ok, 3, H, W]
             feats = self.adapter.image_features(pixels)
             acts = feats.acts  # [n_ok, d]
+            t1 = time.perf_counter()
             if self.variance:
                 mean, var = self.head.image_embeddings(acts, feats.offset)  # [n_ok, D] each
             else:
@@ -126,11 +151,16 @@ class EmbedStage(_ModelStage):
                 if feats.offset is not None:
                     mean = mean + feats.offset
                 var = None
+            if self.model.device != "cpu":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
             out[MEAN] = _zeros_like_rows(n, mean.float().cpu().numpy(), ok)
             if var is not None:
                 out[VAR] = _zeros_like_rows(n, var.float().cpu().numpy(), ok)
             if self.activations:
                 out[ACTS] = _zeros_like_rows(n, acts.float().cpu().numpy(), ok)
+        out[T_FORWARD] = np.full(n, (t1 - t0) / max(n, 1))
+        out[T_HEAD] = np.full(n, (t2 - t1) / max(n, 1))
         return out
 
 
@@ -149,7 +179,7 @@ class PairFeaturesStage(_ModelStage):
         out = {k: v for k, v in batch.items() if k not in (PIXELS,)}
         captions = [str(c) for c in batch["caption"][ok]]
         with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS][ok])).to(self.model.device)
+            pixels = self.model_pixels(batch[PIXELS][ok])  # [n_ok, 3, H, W]
             image = self.adapter.image_features(pixels)
             text = self.adapter.text_features(self.adapter.tokenize(captions).to(self.model.device))
             for feats, weight, acts_col, emb_col, off_col in (

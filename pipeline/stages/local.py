@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.data.sources import Shard
-from pipeline.stages.base import Batch, Stage, concat, num_rows
+from pipeline.stages.base import Batch, Stage, concat, num_rows, record_output
 from pipeline.stages.read import ReadStage, shard_batch
 from pipeline.stages.shards import ShardAssembler
 
@@ -36,6 +36,7 @@ def run_local(
             batch = {k: v[start : start + step] for k, v in rows.items()}
             for stage in stages:
                 batch = stage(batch)
+            record_output(batch)
             outputs.append(batch)
         if not outputs:
             continue

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from pipeline.data.sources import Shard
-from pipeline.stages.base import Batch, Stage, num_rows, object_array
+from pipeline.stages.base import Batch, Stage, num_rows, object_array, record_output
 from pipeline.stages.read import ReadStage, shard_batch
 from pipeline.stages.shards import ShardAssembler
 
@@ -88,6 +88,7 @@ def run_ray(
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         for key in [k for k in batch if k.startswith(NODE_PREFIX)]:
             nodes.setdefault(key.removeprefix(NODE_PREFIX), set()).update(np.unique(batch.pop(key)).tolist())
+        record_output(batch)
         for shard_id, rows in assembler.add(batch):
             sink(shard_id, rows)
     if assembler.pending():
