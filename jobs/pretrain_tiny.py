@@ -19,6 +19,10 @@ def command(
     seed: int | None = typer.Option(None, help="Torch initialisation seed."),
     eval_n: int | None = typer.Option(None, help="Images per zero-shot evaluation set."),
     threads: int | None = typer.Option(None, help="Torch CPU threads."),
+    data_seed: int | None = typer.Option(None, help="Seed of the synthetic training stream."),
+    warmup_steps: int | None = typer.Option(None, help="Linear warmup steps."),
+    shape_caption_p: float | None = typer.Option(None, help="Chance of a shape-only caption."),
+    init_from: str | None = typer.Option(None, help="Warm start from this weights file."),
 ) -> int:
     """Train the tiny CLIP contrastively and write the checkpoint, tokenizer vocabulary and model card."""
     from pipeline.config import load_config
@@ -34,6 +38,10 @@ def command(
         seed=seed,
         eval_n=eval_n,
         threads=threads,
+        data_seed=data_seed,
+        warmup_steps=warmup_steps,
+        shape_caption_p=shape_caption_p,
+        init_from=init_from,
     )
     train_tiny(cfg)
     return 0

@@ -173,7 +173,7 @@ def _domain_code(domain: Domain) -> int:
 
 
 class World:
-    """The synthetic world of one seed: `world.sample(i)` is a pure function of (seed, i, domain, severity)."""
+    """The world of one seed: `world.sample(i, domain, severity)` is a pure function of its arguments."""
 
     def __init__(self, seed: int = 0, image_size: int = IMAGE_SIZE) -> None:
         if seed < 0:
@@ -211,7 +211,9 @@ class World:
         domain = _check_domain(domain, severity)
         scene = self.scene(i, domain)
         rng = _rng(self.seed, i, 1)  # rendering noise, shared by all domains
-        background = _texture(scene.texture, self.image_size, rng, contrast=_texture_contrast(domain, severity))
+        background = _texture(
+            scene.texture, self.image_size, rng, contrast=_texture_contrast(domain, severity)
+        )
         image = Image.fromarray(background, "RGB")
         fill = np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-12, 13, size=3), 0, 255)
         _draw_shape(ImageDraw.Draw(image), scene, self.image_size, tuple(int(c) for c in fill))
@@ -310,7 +312,20 @@ def _polygon(scene: Scene, size: int) -> list[tuple[float, float]]:
             pts.append((rad * math.cos(a), rad * math.sin(a)))
     elif scene.shape == "cross":
         w = 0.33
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"no polygon for shape {scene.shape!r}")
     c, s = math.cos(scene.angle), math.sin(scene.angle)
@@ -342,4 +357,3 @@ def _corrupt(image: Image.Image, domain: Domain, severity: int, rng: np.random.G
         out = Image.fromarray(np.clip(hsv, 0, 255).astype(np.uint8), "HSV")
         return out.convert("RGB")
     raise ValueError(f"domain {domain.value!r} is not a pixel corruption")
-

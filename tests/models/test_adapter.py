@@ -20,10 +20,10 @@ from pipeline.models.adapter import TINY_MODEL, ClipAdapter, TowerFeatures, load
 from pipeline.models.pretrain import images_to_tensor, zero_shot_accuracy
 from pipeline.models.tokenizer import WordTokenizer
 
-# Zero-shot accuracy floors of the shipped tiny model on 300 clean images (chance: 1/6 shape, 1/8 colour);
-# the model card records the accuracy measured at training time on 1,000 images.
+# Zero-shot accuracy floors of the shipped tiny model on 300 clean images (chance: 1/6 shape, 1/8 colour;
+# measured at training time: shape 0.89, colour 1.00 on 1,000 other images, see the model card).
 TINY_SHAPE_FLOOR = 0.75
-TINY_COLOUR_FLOOR = 0.75
+TINY_COLOUR_FLOOR = 0.9
 
 
 def _build(name: str) -> ClipAdapter:
@@ -47,7 +47,9 @@ def tiny() -> ClipAdapter:
     return load_model(TINY_MODEL)
 
 
-def _check_reconstruction(adapter: ClipAdapter, vocab: int, context: int, atol: float, rtol: float) -> None:
+def _check_reconstruction(
+    adapter: ClipAdapter, vocab: int, context: int, atol: float, rtol: float
+) -> tuple[TowerFeatures, TowerFeatures]:
     g = torch.Generator().manual_seed(0)
     size = adapter.model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -61,6 +63,7 @@ def _check_reconstruction(adapter: ClipAdapter, vocab: int, context: int, atol: 
     torch.testing.assert_close(text.embed(adapter.text_weight()), text_ref, atol=atol, rtol=rtol)
     assert image.acts.shape == (1, adapter.image_weight().shape[1])
     assert text.acts.shape == (1, adapter.text_weight().shape[1])
+    return image, text
 
 
 def test_vit_b32_reconstructs_both_towers(vit_b32: ClipAdapter) -> None:
@@ -74,7 +77,7 @@ def test_vit_b32_weights_scale_and_likelihood(vit_b32: ClipAdapter) -> None:
     torch.testing.assert_close(vit_b32.image_weight(), model.visual.proj.detach().T, atol=0, rtol=0)
     torch.testing.assert_close(vit_b32.text_weight(), model.text_projection.detach().T, atol=0, rtol=0)
     assert vit_b32.likelihood == "infonce"
-    assert vit_b32.scale == pytest.approx(float(model.logit_scale.exp()), rel=1e-12)
+    assert vit_b32.scale == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-12)
     assert vit_b32.bias == 0.0
     # The Parameter projection is restored after the text tower ran without it.
     assert isinstance(model.text_projection, torch.nn.Parameter)
@@ -89,7 +92,11 @@ def test_vit_b32_identity(vit_b32: ClipAdapter) -> None:
 
 
 def test_siglip_reconstructs_both_towers_with_offset(siglip: ClipAdapter) -> None:
-    _check_reconstruction(siglip, vocab=32000, context=64, atol=1e-10, rtol=1e-10)
+    image, text = _check_reconstruction(siglip, vocab=32000, context=64, atol=1e-10, rtol=1e-10)
+    assert image.offset is not None and image.offset.shape == (1, 768)  # attention-pool residual
+    torch.testing.assert_close(image.acts[:, -1], torch.ones(1, dtype=torch.float64), atol=0, rtol=0)
+    assert text.offset is None  # text side: nn.Linear projection with bias -> trailing 1, no offset
+    torch.testing.assert_close(text.acts[:, -1], torch.ones(1, dtype=torch.float64), atol=0, rtol=0)
 
 
 def test_siglip_last_layer_is_attention_pool_fc2(siglip: ClipAdapter) -> None:
@@ -99,18 +106,13 @@ def test_siglip_last_layer_is_attention_pool_fc2(siglip: ClipAdapter) -> None:
     assert w.shape == (768, fc2.in_features + 1)  # [D, d + 1]: fc2 weight with its bias as last column
     torch.testing.assert_close(w[:, :-1], fc2.weight.detach(), atol=0, rtol=0)
     torch.testing.assert_close(w[:, -1], fc2.bias.detach(), atol=0, rtol=0)
-    pixels = torch.randn(1, 3, 224, 224, dtype=torch.float64)
-    feats = siglip.image_features(pixels)
-    assert feats.offset is not None and feats.offset.shape == (1, 768)
-    torch.testing.assert_close(feats.acts[:, -1], torch.ones(1, dtype=torch.float64), atol=0, rtol=0)
-    # Text side: nn.Linear projection with bias -> trailing 1, no offset.
-    text = siglip.text_features(torch.randint(0, 32000, (1, 64)))
-    assert text.offset is None and siglip.text_weight().shape == (768, 769)
+    text_proj = siglip.model.text.text_projection
+    assert siglip.text_weight().shape == (768, text_proj.in_features + 1)
 
 
 def test_siglip_scale_bias_likelihood(siglip: ClipAdapter) -> None:
     assert siglip.likelihood == "siglip"
-    assert siglip.scale == pytest.approx(float(siglip.model.logit_scale.exp()), rel=1e-12)
+    assert siglip.scale == pytest.approx(float(siglip.model.logit_scale.detach().exp()), rel=1e-12)
     assert siglip.bias == pytest.approx(-10.0)  # the config's init_logit_bias
     assert siglip.identity()["image_bias"] == 1
 

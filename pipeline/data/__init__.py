@@ -1,0 +1,1 @@
+"""Data: the synthetic world (`synthetic`), corpus sources, decoding and quarantine of bad inputs."""
