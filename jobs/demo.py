@@ -34,8 +34,8 @@ class DemoConfig(Config):
     pairs: int = 2048  # image-caption pairs for the posterior
     pool: int = 2000  # unlabelled pool size (half in-domain, half shifted)
     targets: int = 200  # target-domain examples
-    target_domain: str = "unseen_textures"  # the shifted domain the curation targets
-    target_severity: int = 3  # its severity (1..5)
+    target_domain: str = "blur"  # the shifted domain the curation targets (the tiny model degrades on it)
+    target_severity: int = 2  # its severity (1..5)
     corrupt: float = 0.01  # fraction of corrupt pool files (quarantined, the run goes on)
     budget: int = 16  # images sent to annotators
     project: str = "bayescurate-demo"  # Label Studio project

@@ -69,9 +69,7 @@ def embed_corpus(cfg: EmbedConfig) -> dict[str, Any]:
     if cfg.executor == "ray":
         started = runtime.init_ray(cfg.address, cfg.num_cpus)
     try:
-        plan = (
-            runtime.plan_pool() if cfg.executor == "ray" else runtime.PoolPlan(1, 1.0, 0.0, "cpu", 1.0, 1.0)
-        )
+        plan = runtime.plan_pool() if cfg.executor == "ray" else runtime.local_plan()
         adapter = ModelSpec(name, pretrained).load()
         if info is not None:
             check_identity(info["model"], adapter.identity())
@@ -96,6 +94,7 @@ def embed_corpus(cfg: EmbedConfig) -> dict[str, Any]:
                 activations=cfg.activations,
                 num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus,
+                threads=plan.actor_threads,
                 batch_size=cfg.batch_size,
             ),
         ]

@@ -112,7 +112,7 @@ def fit_posterior(cfg: FitConfig) -> dict[str, Any]:
             def submit(*args: Any) -> Any:
                 return task.remote(write_shard_factors, *args)
         else:
-            plan = runtime.PoolPlan(1, 1.0, 0.0, "cpu", 1.0, 1.0)
+            plan = runtime.local_plan()
             submit = write_shard_factors
         stages = [
             DecodeStage(
@@ -126,6 +126,7 @@ def fit_posterior(cfg: FitConfig) -> dict[str, Any]:
                 ModelSpec(cfg.model, cfg.pretrained, plan.device),
                 num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus,
+                threads=plan.actor_threads,
                 batch_size=cfg.batch_size,
             ),
         ]

@@ -10,7 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, every_s: float = 10.0) -> Iterator[T]:
+def track(
+    items: Iterable[T], description: str, total: int | None = None, every_s: float = 10.0
+) -> Iterator[T]:
     """Yield `items`, showing progress. Plain lines are printed at most every `every_s` seconds."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

@@ -56,15 +56,18 @@ def _threads(num_cpus: float) -> int:
 class _ModelStage(Stage):
     resources: Resources
 
-    def __init__(self, model: ModelSpec, *, num_cpus: float, num_gpus: float, batch_size: int) -> None:
+    def __init__(
+        self, model: ModelSpec, *, num_cpus: float, num_gpus: float, batch_size: int, threads: int = 0
+    ) -> None:
         self.model = model
+        self.threads = threads  # torch intra-op threads; 0: the stage's CPU reservation
         self.resources = Resources(num_cpus=num_cpus, num_gpus=num_gpus, stateful=True, batch_size=batch_size)
         self.adapter: Any = None
 
     def setup(self) -> None:
         import torch
 
-        torch.set_num_threads(_threads(self.resources.num_cpus))
+        torch.set_num_threads(self.threads or _threads(self.resources.num_cpus))
         self.adapter = self.model.load()
         try:
             preprocess = self.adapter.preprocess
@@ -115,8 +118,9 @@ class EmbedStage(_ModelStage):
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         batch_size: int = 256,
+        threads: int = 0,
     ) -> None:
-        super().__init__(model, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size)
+        super().__init__(model, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size, threads=threads)
         if variance and posterior_dir is None:
             raise ValueError("variance=True needs a posterior directory")
         self.posterior_dir = posterior_dir

@@ -91,3 +91,15 @@ def test_pool_leaves_room_for_reads(resources: dict[str, float], actors: int, gp
     assert plan.actors == actors and plan.actor_gpus == gpus
     cpu_left = resources["CPU"] - plan.actors * plan.actor_cpus
     assert cpu_left >= plan.read_cpus + plan.decode_cpus or resources["CPU"] < 2
+
+
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [({"CPU": 2}, 2), ({"CPU": 1}, 1), ({"CPU": 8}, 1), ({"CPU": 16, "GPU": 2}, 4)],
+)
+def test_actor_threads_share_the_cores(resources: dict[str, float], threads: int) -> None:
+    """CPU actors split the node's cores (decode tasks time-share); GPU actors use their share."""
+    plan = plan_pool(resources)
+    assert plan.actor_threads == threads
+    if "GPU" not in resources:
+        assert plan.actors * plan.actor_threads <= resources["CPU"]
