@@ -5,9 +5,24 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+
+# Options shared by several commands (each command's config model has the matching field).
+ConfigOption = Annotated[
+    Path | None, typer.Option(help="YAML config file with the command's fields; flags override it.")
+]
+ExecutorOption = Annotated[str | None, typer.Option(help="ray or local (in-process, no Ray).")]
+AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: embedded local Ray).")]
+NumCpusOption = Annotated[int | None, typer.Option(help="CPUs of the embedded local Ray (default: all).")]
+TrackingOption = Annotated[bool | None, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(help="MLflow URI (default: $MLFLOW_TRACKING_URI, the `services` MLflow, or .state sqlite)."),
+]
+ExperimentOption = Annotated[str | None, typer.Option(help="MLflow experiment.")]
 
 # Errors that mean "the user asked for something wrong", or a service said no: one line, exit code 2.
 # The connectors' own errors (e.g. a refused Label Studio token) are written to be shown as they are.

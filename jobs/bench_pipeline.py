@@ -30,7 +30,7 @@ import typer
 
 from connectors import storage
 from jobs import embed, fit_posterior, make_world
-from jobs._app import run_command
+from jobs._app import NumCpusOption, run_command
 from pipeline import runtime
 from pipeline.data.decode import decode_batch, split_preprocess
 from pipeline.posterior_artifact import load_posterior
@@ -209,7 +209,7 @@ def command(
     pretrained: Annotated[str | None, typer.Option(help="Weights path or tag.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per model call.")] = 256,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per shard.")] = 2048,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray.")] = None,
+    num_cpus: NumCpusOption = None,
     repeats: Annotated[int, typer.Option(help="Runs of each variant (alternating order).")] = 2,
     compare_max: Annotated[
         int, typer.Option(help="Sizes above this run only Ray embed with variance (the memory check).")

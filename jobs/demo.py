@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from jobs import embed, fit_posterior, make_world, select, zeroshot
-from jobs._app import run_command
+from jobs._app import ConfigOption, NumCpusOption, run_command
 from pipeline import runtime
 from pipeline.config import Config, load_config
 
@@ -189,8 +189,8 @@ def command(
     pool: Annotated[int | None, typer.Option(help="Unlabelled pool size.")] = None,
     pairs: Annotated[int | None, typer.Option(help="Image-caption pairs for the posterior.")] = None,
     budget: Annotated[int | None, typer.Option(help="Images sent to annotators.")] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    num_cpus: NumCpusOption = None,
+    config: ConfigOption = None,
 ) -> int:
     """Run one curation round end to end on the embedded defaults, then print where to look."""
     cfg = load_config(

@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from jobs._app import run_command
+from jobs._app import AddressOption, ConfigOption, ExecutorOption, NumCpusOption, run_command
 from pipeline import runtime
 from pipeline.config import Config, load_config
 from pipeline.data import quarantine
@@ -144,10 +143,10 @@ def command(
     activations: Annotated[bool | None, typer.Option(help="Also store pre-projection activations.")] = None,
     rows_per_shard: Annotated[int | None, typer.Option(help="Rows per shard.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per model call.")] = None,
-    executor: Annotated[str | None, typer.Option(help="ray or local.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
+    num_cpus: NumCpusOption = None,
+    config: ConfigOption = None,
 ) -> int:
     """Compute Bayesian image embeddings (mean and variance) for a corpus."""
     cfg = load_config(

@@ -16,7 +16,16 @@ from typing import Annotated, Any
 
 import typer
 
-from jobs._app import run_command
+from jobs._app import (
+    AddressOption,
+    ConfigOption,
+    ExecutorOption,
+    ExperimentOption,
+    NumCpusOption,
+    TrackingOption,
+    TrackingUriOption,
+    run_command,
+)
 from pipeline import runtime
 from pipeline.bayes.curvature import Likelihood
 from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
@@ -239,13 +248,13 @@ def command(
     format: Annotated[SourceFormat | None, typer.Option(help="Input format (default: detected).")] = None,
     rows_per_shard: Annotated[int | None, typer.Option(help="Rows per shard (multiple of C).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per model call.")] = None,
-    executor: Annotated[str | None, typer.Option(help="ray or local.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray.")] = None,
-    tracking: Annotated[bool | None, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
+    num_cpus: NumCpusOption = None,
+    tracking: TrackingOption = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    config: ConfigOption = None,
 ) -> int:
     """Estimate KFAC factors on image-text pairs and fit the Laplace posterior."""
     cfg = load_config(

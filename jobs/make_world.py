@@ -10,7 +10,6 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -18,7 +17,7 @@ import typer
 from PIL import Image
 
 from connectors import storage
-from jobs._app import run_command
+from jobs._app import ConfigOption, run_command
 from pipeline.config import Config, load_config
 from pipeline.data import synthetic
 from pipeline.data.writers import CorpusFormat, CorpusRecord, write_corpus
@@ -107,7 +106,7 @@ def command(
     corrupt: Annotated[float | None, typer.Option(help="Fraction of bad inputs to inject.")] = None,
     per_file: Annotated[int | None, typer.Option(help="Rows per Parquet file / samples per tar.")] = None,
     start: Annotated[int | None, typer.Option(help="Index of the first sample.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    config: ConfigOption = None,
 ) -> int:
     """Write a synthetic image-caption corpus (Parquet, folder or WebDataset)."""
     cfg = load_config(

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import pyarrow as pa
 import typer
 
 from connectors import storage
-from jobs._app import run_command
+from jobs._app import ConfigOption, run_command
 from pipeline.bayes.acquisition import Method
 from pipeline.bayes.neighbours import Metric
 from pipeline.classes import class_text_features, read_classes
@@ -160,7 +159,7 @@ def command(
     corpus: Annotated[str | None, typer.Option(help="The pool's corpus (images for the tasks).")] = None,
     round: Annotated[int | None, typer.Option(help="Annotation round number.")] = None,
     state_dir: Annotated[str | None, typer.Option(help="Services state directory.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    config: ConfigOption = None,
 ) -> int:
     """Choose the pool images humans should label next (EPIG/BALD) and send them to Label Studio."""
     cfg = load_config(

@@ -21,7 +21,7 @@ import torch
 import typer
 
 from connectors import storage
-from jobs._app import run_command
+from jobs._app import ConfigOption, ExperimentOption, TrackingOption, TrackingUriOption, run_command
 from pipeline.bayes import metrics
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.classes import class_text_features, read_classes
@@ -178,10 +178,10 @@ def command(
     labels: Annotated[str | None, typer.Option(help="Label column: report accuracy/ECE/NLL/Brier.")] = None,
     mc: Annotated[int | None, typer.Option(help="Monte Carlo samples (0 = probit).")] = None,
     n_bins: Annotated[int | None, typer.Option(help="ECE / reliability bins.")] = None,
-    tracking: Annotated[bool | None, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    tracking: TrackingOption = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    config: ConfigOption = None,
 ) -> int:
     """Calibrated zero-shot classification with ProbCosine."""
     cfg = load_config(
