@@ -6,15 +6,21 @@ What it reports, per corpus size (JSON in `<out>/bench_pipeline.json`, a table o
 - Ray `embed` (via `jobs.embed.embed_corpus`) with variance and deterministic, alternating order, repeated:
   end-to-end rows/s (the job's wall time, actor start and model load included), start-up (job start to the
   first output batch on the driver), steady-state rows/s (rows after the first output batch / time from it
-  to the last), and inside the actor the seconds of the model forward and of the head (posterior mean +
-  variance, or the plain projection) per batch;
-- the peak resident memory of the run summed over the driver and every process it started (Ray's GCS,
-  raylet and workers): RSS (counts the shared object store once per process that maps it) and PSS;
+  to the last; shards complete in bursts, so this flatters short runs), and inside the actor the seconds of
+  its setup (imports, model and posterior load), of the model forward and of the head (posterior mean +
+  variance, or the plain projection);
+- where the CPU went during each Ray run, in CPU seconds per role (the model actor, the read/decode task
+  workers, the driver, Ray's own actors and daemons), from /proc: the reason for any gap to the plain loop;
+- the peak resident memory of a run summed over the driver and every process it started (Ray's GCS,
+  raylet and workers): RSS (counts the shared object store once per process that maps it) and PSS. It is
+  measured in a separate run: reading /proc/<pid>/smaps_rollup of a dozen processes costs about 60 ms of
+  CPU, which at 5 samples/s took a quarter of a core from the run being timed;
 - Ray start-up (`ray.init`) once: a user embedding 10M images pays it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -39,9 +45,9 @@ from pipeline.stages.embed import ModelSpec
 
 
 class MemorySampler:
-    """Peak over time of the summed RSS and PSS (MiB) of this process and all its descendants, every 0.2 s."""
+    """Peak over time of the summed RSS and PSS (MiB) of this process and all its descendants."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self._stop = threading.Event()
@@ -96,6 +102,42 @@ class MemorySampler:
         self._thread.join()
 
 
+ROLES = ("model_actor", "tasks", "driver", "ray_actors", "ray_daemons")
+
+
+def _role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    if cmdline.startswith("ray::MapWorker"):
+        return "model_actor"
+    if cmdline.startswith(("ray::IDLE", "ray::_map_task", "ray::ray.data", "ray::run")):
+        return "tasks"  # pooled workers that run the read and decode tasks (and helper tasks)
+    return "ray_actors" if cmdline.startswith("ray::") else "ray_daemons"
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} for this process and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in MemorySampler._family():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[pid] = (_role(pid, cmd), (int(stat[11]) + int(stat[12])) / tick)
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per role between two `cpu_by_process` snapshots (processes that exited meanwhile are
+    missed: a worker that ran a task and died is not counted)."""
+    roles = dict.fromkeys(ROLES, 0.0)
+    for pid, (role, cpu) in after.items():
+        roles[role] += cpu - before.get(pid, (role, 0.0))[1]
+    return {k: round(v, 2) for k, v in roles.items()}
+
+
 def plain_loop(
     images: str, model: ModelSpec, posterior: str, batch_size: int, variance: bool
 ) -> dict[str, Any]:
@@ -110,7 +152,7 @@ def plain_loop(
     weight = adapter.image_weight().detach()
     split = split_preprocess(adapter.preprocess)
     shape = runtime.pixel_shape(adapter.preprocess)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     decode_s = model_s = 0.0
     rows = 0
     for path in storage.list_files(images, suffix=".parquet"):
@@ -133,6 +175,7 @@ def plain_loop(
             rows += len(pixels)
     total = time.perf_counter() - start
     return {
+        "cpu_s": time.process_time() - cpu_start,
         "rows": rows,
         "seconds": total,
         "rows_per_s": rows / total,
@@ -142,9 +185,16 @@ def plain_loop(
 
 
 def ray_embed(
-    corpus: Path, target: Path, posterior: Path, variance: bool, batch_size: int, rows_per_shard: int
+    corpus: Path,
+    target: Path,
+    posterior: Path,
+    variance: bool,
+    batch_size: int,
+    rows_per_shard: int,
+    memory: bool = False,
 ) -> dict[str, Any]:
-    """One `embed` job on the running Ray, traced: end-to-end, start-up, steady state, actor times, memory."""
+    """One `embed` job on the running Ray, traced: end-to-end, start-up, steady state, actor times, CPU per
+    role; with `memory`, the peak memory too (that run's timings are perturbed by the sampling)."""
     storage.remove(str(target))
     cfg = embed.load_config(
         embed.EmbedConfig,
@@ -156,8 +206,11 @@ def ray_embed(
         rows_per_shard=rows_per_shard,
         batch_size=batch_size,
     )
-    with MemorySampler() as mem, trace() as tr:
+    sampler = MemorySampler() if memory else contextlib.nullcontext()
+    cpu_before = cpu_by_process()
+    with sampler as mem, trace() as tr:
         summary = embed.embed_corpus(cfg)
+    cpu = cpu_delta(cpu_before, cpu_by_process())
     times = [t for t, _ in tr.arrivals]
     rows = [r for _, r in tr.arrivals]
     first, last = times[0], times[-1]
@@ -177,9 +230,12 @@ def ray_embed(
         else float("nan"),
         "actor_forward_s": tr.stage_s.get("embed_forward", 0.0),
         "actor_head_s": tr.stage_s.get("embed_head", 0.0),
-        "peak_rss_mb": mem.peak_rss_mb,
-        "peak_pss_mb": mem.peak_pss_mb,
+        # Imports, model and posterior load inside the model actor(s), summed over actors.
+        "actor_setup_s": tr.stage_s.get("embed_setup", 0.0),
+        "cpu_s": cpu,
     }
+    if isinstance(mem, MemorySampler):
+        out.update(peak_rss_mb=mem.peak_rss_mb, peak_pss_mb=mem.peak_pss_mb)
     storage.remove(str(target))
     return out
 
@@ -212,7 +268,7 @@ def command(
     num_cpus: NumCpusOption = None,
     repeats: Annotated[int, typer.Option(help="Runs of each variant (alternating order).")] = 2,
     compare_max: Annotated[
-        int, typer.Option(help="Sizes above this run only Ray embed with variance (the memory check).")
+        int, typer.Option(help="Sizes above this get only the memory run (no throughput comparison).")
     ] = 10000,
 ) -> int:
     """Benchmark the Ray embed pipeline against a plain torch loop."""
@@ -246,11 +302,7 @@ def command(
         for size in sizes:
             corpus = _world(work, size)
             entry: dict[str, Any] = {}
-            if size > compare_max:
-                entry["ray_bayes"] = [
-                    ray_embed(corpus, work / "emb", posterior, True, batch_size, rows_per_shard)
-                ]
-            else:
+            if size <= compare_max:
                 plain: list[dict[str, Any]] = []
                 runs: dict[str, list[dict[str, Any]]] = {"ray_bayes": [], "ray_deterministic": []}
                 for i in range(repeats):
@@ -278,11 +330,19 @@ def command(
                     - 1,
                     "variance_share_in_actor": (_median(b, "actor_head_s") - _median(d, "actor_head_s"))
                     / _median(d, "actor_forward_s"),
+                    "actor_forward_s": _median(b, "actor_forward_s"),
+                    "actor_setup_s": _median(b, "actor_setup_s"),
+                    "plain_model_s": _median(plain, "model_s"),
+                    "plain_decode_s": _median(plain, "decode_s"),
+                    "plain_cpu_s": _median(plain, "cpu_s"),
+                    "ray_cpu_s": {role: statistics.median(r["cpu_s"][role] for r in b) for role in ROLES},
                     "spread_ray_bayes_seconds": _spread(b, "seconds"),
                     "spread_plain_seconds": _spread(plain, "seconds"),
                 }
-            entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in entry["ray_bayes"])
-            entry["peak_pss_mb"] = max(r["peak_pss_mb"] for r in entry["ray_bayes"])
+            # Memory in a run of its own (sampling /proc costs CPU; see the module docstring).
+            mem = ray_embed(corpus, work / "emb", posterior, True, batch_size, rows_per_shard, memory=True)
+            entry["memory_run"] = mem
+            entry["peak_rss_mb"], entry["peak_pss_mb"] = mem["peak_rss_mb"], mem["peak_pss_mb"]
             report["sizes"][str(size)] = entry
             print(json.dumps({str(size): entry.get("summary", entry)}, indent=2, default=float))
     finally:

@@ -7,6 +7,10 @@ full decode (truncated files fail here), then `preprocess` (the model's transfor
 `split_preprocess` cuts a standard transform where pixels are still uint8 (resize/crop on the decode
 workers, the float conversion and normalisation batched on the model side): 4x fewer bytes cross the object
 store between decode and model, the per-image `ToTensor` disappears, and the result is bit-identical.
+The PIL steps themselves are re-expressed without torch (`Resize`, `CenterCrop`, `ConvertMode`, same size
+rules and PIL filters as torchvision's), so a decode worker imports PIL and numpy only: importing torch and
+torchvision costs each fresh worker process about 5 s of CPU, which on a small node is stolen from the model.
+Steps this module does not know are kept as they are (and then do import their library when unpickled).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision import transforms as T
+from PIL import Image, ImageOps
 
 from pipeline.data.quarantine import Reason
+
+if TYPE_CHECKING:
+    import torch
 
 # Modes that convert to RGB without losing meaning. 16-bit ("I;16"), 32-bit int ("I") and float ("F")
 # images need a domain-specific scaling, so they are quarantined rather than silently clipped.
@@ -40,10 +46,99 @@ class Limits:
     max_aspect: float = 50.0  # max(w, h) / min(w, h)
 
 
-# PIL -> PIL steps that may run before the cut (open_clip's own ones are matched by class name, so that
-# open_clip is not imported here).
-_PIL_STEPS = (T.Resize, T.CenterCrop)
+# PIL -> PIL steps that may run before the cut: torchvision's (matched by class) and open_clip's (matched by
+# name, so that open_clip is not imported here).
 _PIL_STEP_NAMES = frozenset({"MaybeConvertMode", "ResizeKeepRatio", "CenterCropOrPad", "_convert_to_rgb"})
+
+
+@dataclass(frozen=True)
+class Resize:
+    """torchvision `Resize` on a PIL image, without torch: the same output-size rule and PIL filter."""
+
+    size: tuple[int, ...]  # (shorter side,) or (height, width)
+    resample: int  # PIL filter (torchvision's `pil_modes_mapping` of its interpolation mode)
+    max_size: int | None = None  # cap on the longer side (only with a shorter-side size)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if len(self.size) == 1:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.size[0], int(self.size[0] * long / short)
+            if self.max_size is not None and new_long > self.max_size:
+                new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:
+            new_h, new_w = self.size
+        return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), self.resample)
+
+
+@dataclass(frozen=True)
+class CenterCrop:
+    """torchvision `CenterCrop` on a PIL image, without torch: zero padding when the crop is larger."""
+
+    size: tuple[int, int]  # (height, width)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        crop_h, crop_w = self.size
+        w, h = image.size
+        if crop_w > w or crop_h > h:
+            dw, dh = max(crop_w - w, 0), max(crop_h - h, 0)
+            bands = len(image.getbands())
+            fill: Any = (0,) * bands if bands > 1 else 0
+            image = ImageOps.expand(image, border=(dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2), fill=fill)
+            w, h = image.size
+            if (crop_w, crop_h) == (w, h):
+                return image
+        top, left = round((h - crop_h) / 2.0), round((w - crop_w) / 2.0)  # round-half-even, as torchvision
+        return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+@dataclass(frozen=True)
+class ConvertMode:
+    """`image.convert(mode)`: open_clip's `MaybeConvertMode` and `_convert_to_rgb` on PIL images."""
+
+    mode: str = "RGB"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert(self.mode)
+
+
+@dataclass(frozen=True)
+class PilSteps:
+    """The PIL part of a transform, applied in order."""
+
+    steps: tuple[Callable[[Image.Image], Image.Image], ...]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        for step in self.steps:
+            image = step(image)
+        return image
+
+    @property
+    def torch_free(self) -> bool:
+        """True when every step is one of this module's: unpickling them imports no torch or open_clip."""
+        return all(isinstance(s, (Resize, CenterCrop, ConvertMode)) for s in self.steps)
+
+
+def native_step(step: Any) -> Callable[[Image.Image], Image.Image]:
+    """The torch-free equivalent of a torchvision/open_clip PIL step, or `step` itself when there is none."""
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    if type(step) is T.Resize and step.interpolation in pil_modes_mapping:
+        size = (step.size,) if isinstance(step.size, int) else tuple(int(v) for v in step.size)
+        if len(size) in (1, 2) and (step.max_size is None or (len(size) == 1 and step.max_size > size[0])):
+            return Resize(size, pil_modes_mapping[step.interpolation], step.max_size)
+    if type(step) is T.CenterCrop:
+        crop = tuple(int(v) for v in step.size)
+        if len(crop) == 2:
+            return CenterCrop((crop[0], crop[1]))
+    name = getattr(step, "__name__", type(step).__name__)
+    if name == "MaybeConvertMode":
+        return ConvertMode(str(step.mode))
+    if name == "_convert_to_rgb":
+        return ConvertMode("RGB")
+    return step
 
 
 @dataclass(frozen=True)
@@ -54,11 +149,13 @@ class SplitPreprocess:
     operations `ToTensor` + `Normalize` apply per image, so the result is bit-identical.
     """
 
-    pil: Callable[[Image.Image], Image.Image]  # resize / crop / mode steps
+    pil: PilSteps  # resize / crop / mode steps
     mean: tuple[float, ...] | None  # Normalize mean (None: no Normalize step)
     std: tuple[float, ...] | None  # Normalize std
 
     def finish(self, pixels: np.ndarray) -> torch.Tensor:
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)  # [N, C, H, W] uint8
         x = x.float().div(255)
         if self.mean is not None and self.std is not None:
@@ -70,25 +167,33 @@ class SplitPreprocess:
 
 def split_preprocess(preprocess: Callable[[Image.Image], object]) -> SplitPreprocess | None:
     """`preprocess` as a `SplitPreprocess`, or None when it is not [PIL steps..., ToTensor, Normalize?]."""
+    import torch
+    from torchvision import transforms as T
+
     steps = list(getattr(preprocess, "transforms", None) or [])
     if not isinstance(preprocess, T.Compose) or not steps:
         return None
     cut = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
     if cut is None or not all(_is_pil_step(s) for s in steps[:cut]):
         return None
+    pil = PilSteps(tuple(native_step(s) for s in steps[:cut]))
     tail = steps[cut + 1 :]
     if not tail:
-        return SplitPreprocess(T.Compose(steps[:cut]), None, None)
+        return SplitPreprocess(pil, None, None)
     norm = tail[0]
     if len(tail) != 1 or not isinstance(norm, T.Normalize) or norm.inplace:
         return None
     mean = tuple(float(v) for v in torch.as_tensor(norm.mean).reshape(-1))
     std = tuple(float(v) for v in torch.as_tensor(norm.std).reshape(-1))
-    return SplitPreprocess(T.Compose(steps[:cut]), mean, std)
+    return SplitPreprocess(pil, mean, std)
 
 
 def _is_pil_step(step: object) -> bool:
-    return isinstance(step, _PIL_STEPS) or getattr(step, "__name__", type(step).__name__) in _PIL_STEP_NAMES
+    from torchvision import transforms as T
+
+    return isinstance(step, (T.Resize, T.CenterCrop)) or (
+        getattr(step, "__name__", type(step).__name__) in _PIL_STEP_NAMES
+    )
 
 
 @dataclass
@@ -143,7 +248,7 @@ def text_or_none(value: object) -> str | None:
 
 def decode_batch(
     images: Sequence[bytes | None],
-    preprocess: Callable[[Image.Image], object],
+    preprocess: Callable[[Image.Image], object] | None,
     pixel_shape: tuple[int, int, int],
     *,
     captions: Sequence[str | None] | None = None,
@@ -154,10 +259,13 @@ def decode_batch(
     """Decode and preprocess `images` (encoded bytes) into one [N, 3, H, W] float32 array.
 
     With `split` (from `split_preprocess(preprocess)`): only its PIL steps run here and the pixels come
-    back as uint8 [N, H, W, C]; `split.finish` turns them into exactly what `preprocess` would have given.
+    back as uint8 [N, H, W, C]; `split.finish` turns them into exactly what `preprocess` would have given
+    (`preprocess` may then be None).
     `captions` given means the rows are image–text pairs: a missing/blank caption quarantines the row.
     `read_errors[i]` set means the bytes could not be fetched: the row is quarantined as unreadable.
     """
+    if preprocess is None and split is None:
+        raise ValueError("decode_batch needs a preprocess transform or a split one")
     n = len(images)
     c, h, w = pixel_shape
     row_shape = (h, w, c) if split is not None else tuple(pixel_shape)
@@ -178,7 +286,7 @@ def decode_batch(
         if split is not None:
             array = np.asarray(split.pil(image), dtype=np.uint8)  # [H, W, C]
         else:
-            array = np.asarray(preprocess(image), dtype=np.float32)  # [C, H, W]
+            array = np.asarray(preprocess(image), dtype=np.float32)  # type: ignore[misc]  # [C, H, W]
         if array.shape != row_shape:
             raise ValueError(f"preprocess returned shape {list(array.shape)}, expected {list(row_shape)}")
         pixels[i] = array

@@ -10,6 +10,7 @@ through the object store and a batched float conversion, with bit-identical mode
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -37,18 +38,21 @@ class DecodeStage(Stage):
         batch_size: int = 256,
         compact: bool = True,
     ) -> None:
-        self.preprocess = preprocess
         self.split = split_preprocess(preprocess) if compact else None  # uint8 pixels when not None
+        # Only the split's torch-free PIL steps travel to the workers when there is one (see
+        # `pipeline.data.decode`): shipping the torchvision transform would import torch there.
+        self.preprocess = preprocess if self.split is None else None
         self.pixel_shape = tuple(pixel_shape)
         self.require_caption = require_caption
         self.limits = limits
         self.resources = Resources(num_cpus=num_cpus, batch_size=batch_size)
 
     def setup(self) -> None:
-        import torch
+        if "torch" in sys.modules:  # a transform that is not torch-free
+            import torch
 
-        # Each decode task is one process on one core: torch's own threads would only fight each other.
-        torch.set_num_threads(1)
+            # Each decode task is one process on one core: torch's own threads would only fight each other.
+            torch.set_num_threads(1)
 
     def process(self, batch: Batch) -> Batch:
         captions = batch.get("caption") if self.require_caption else None
@@ -56,7 +60,7 @@ class DecodeStage(Stage):
             raise ValueError("image-text pairs need a caption column; the input has none")
         decoded = decode_batch(
             list(batch["image"]),
-            self.preprocess,  # type: ignore[arg-type]
+            self.preprocess,
             self.pixel_shape,  # type: ignore[arg-type]
             captions=None if captions is None else list(captions),
             read_errors=list(batch["read_error"]) if "read_error" in batch else None,

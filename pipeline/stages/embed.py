@@ -21,9 +21,10 @@ from pipeline.stages.decode import ERROR, OK, PIXELS, REASON
 
 MEAN, VAR, ACTS = "mean", "var", "acts"
 # Seconds spent per row (the batch's time split evenly over its rows), dropped by the runners after
-# summing them (see `pipeline.stages.base.TIMING_PREFIX`): model forward, and the head (projection, or
-# posterior mean + variance).
+# summing them (see `pipeline.stages.base.TIMING_PREFIX`): model forward, the head (projection, or
+# posterior mean + variance), and the actor's setup (imports, model and posterior load; on its first batch).
 T_FORWARD, T_HEAD = TIMING_PREFIX + "embed_forward", TIMING_PREFIX + "embed_head"
+T_SETUP = TIMING_PREFIX + "embed_setup"
 IMAGE_ACTS, IMAGE_EMB, IMAGE_OFFSET = "image_acts", "image_emb", "image_offset"
 TEXT_ACTS, TEXT_EMB, TEXT_OFFSET = "text_acts", "text_emb", "text_offset"
 
@@ -65,10 +66,12 @@ class _ModelStage(Stage):
         self.adapter: Any = None
 
     def setup(self) -> None:
+        start = time.perf_counter()
         import torch
 
         torch.set_num_threads(self.threads or _threads(self.resources.num_cpus))
         self.adapter = self.model.load()
+        self.setup_s: float | None = time.perf_counter() - start  # reported once, with the first batch
         try:
             preprocess = self.adapter.preprocess
         except (AttributeError, ValueError):  # a model without a transform: only float pixels can arrive
@@ -92,6 +95,7 @@ class _ModelStage(Stage):
         state = super().__getstate__()
         state["adapter"] = None
         state.pop("head", None)
+        state.pop("setup_s", None)
         return state
 
 
@@ -133,7 +137,9 @@ class EmbedStage(_ModelStage):
         if self.posterior_dir is not None:
             from pipeline.posterior_artifact import load_posterior
 
+            start = time.perf_counter()
             self.head = load_posterior(self.posterior_dir, self.adapter)
+            self.setup_s = (self.setup_s or 0.0) + time.perf_counter() - start
 
     def process(self, batch: Batch) -> Batch:
         import torch
@@ -165,6 +171,8 @@ class EmbedStage(_ModelStage):
                 out[ACTS] = _zeros_like_rows(n, acts.float().cpu().numpy(), ok)
         out[T_FORWARD] = np.full(n, (t1 - t0) / max(n, 1))
         out[T_HEAD] = np.full(n, (t2 - t1) / max(n, 1))
+        out[T_SETUP] = np.full(n, (getattr(self, "setup_s", None) or 0.0) / max(n, 1))
+        self.setup_s = None
         return out
 
 

@@ -164,3 +164,37 @@ def test_posterior_for_another_model_is_refused(world: Path, tmp_path: Path) -> 
     other.identity = lambda: {"name": MODEL, "weights_sha256": "other", "embed_dim": 8}  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="weights_sha256"):
         load_posterior(post, other)
+
+
+def test_embed_trace_reports_actor_times_and_keeps_them_out_of_the_output(
+    world: Path, tmp_path: Path
+) -> None:
+    """The benchmark's timings (setup, forward, head) reach the trace and never the output files."""
+    from pipeline.stages.base import trace
+
+    cfg = embed.load_config(
+        embed.EmbedConfig, None, images=str(world), out=str(tmp_path / "emb"), model=MODEL,
+        variance=False, executor="local", rows_per_shard=100, batch_size=64,
+    )  # fmt: skip
+    with trace() as tr:
+        summary = embed.embed_corpus(cfg)
+    assert summary["embedded"] == len(expected_good(world, pairs=False))
+    assert tr.stage_s["embed_setup"] > 0 and tr.stage_s["embed_forward"] > 0 and "embed_head" in tr.stage_s
+    assert sum(rows for _, rows in tr.arrivals) == N
+    for part in (tmp_path / "emb").glob("part-*.parquet"):
+        assert not [c for c in pq.read_schema(part).names if c.startswith("_")], part
+
+
+def test_embed_stage_reports_its_setup_with_the_first_batch_only() -> None:
+    import numpy as np
+
+    from pipeline.stages.base import TIMING_PREFIX
+    from pipeline.stages.embed import EmbedStage, ModelSpec
+    from tests.stages.standin import SIDE
+
+    stage = EmbedStage(ModelSpec(MODEL), None, variance=False)
+    batch = {"pixels": np.zeros((5, SIDE, SIDE, 3), dtype=np.uint8), "ok": np.ones(5, dtype=bool)}
+    first, second = stage(dict(batch)), stage(dict(batch))
+    setup = TIMING_PREFIX + "embed_setup"
+    assert first[setup].sum() > 0 and np.allclose(first[setup], first[setup][0])
+    assert second[setup].sum() == 0 and second[TIMING_PREFIX + "embed_forward"].sum() > 0
