@@ -173,7 +173,7 @@ class LabelStudioClient:
     @classmethod
     def from_services(cls, state_dir: Path | str | None = None, **kwargs: Any) -> LabelStudioClient:
         """Client for the server `bayescurate services up` started (token read from its 0600 file)."""
-        from connectors.services import read_state
+        from connectors.service_state import read_state
 
         state = read_state(state_dir)
         if state.label_studio is None:

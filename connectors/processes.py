@@ -185,3 +185,11 @@ def _tail(path: str, lines: int = 30) -> str:
     except FileNotFoundError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def clean_env() -> dict[str, str]:
+    """The caller's environment minus what would leak the project's venv into the servers."""
+    env = dict(os.environ)
+    for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST"):
+        env.pop(var, None)
+    return env

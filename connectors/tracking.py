@@ -7,65 +7,25 @@ and thread-safe. Parameters and tags whose key looks like a secret are dropped b
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
-import shutil
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from connectors.mlflow_server import ensure_sqlite_db
 
 log = logging.getLogger(__name__)
 
 SECRET_KEY = re.compile(r"token|secret|passw|api[_-]?key|credential|auth|private[_-]?key", re.IGNORECASE)
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
-
-
-def cache_dir() -> Path:
-    """`$BAYESCURATE_CACHE_DIR`, else ~/.cache/bayescurate: rebuildable things (database templates)."""
-    env = os.environ.get("BAYESCURATE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bayescurate"
-
-
-def ensure_sqlite_db(db: Path, default_artifacts: str) -> None:
-    """Create an MLflow sqlite database at `db` unless it exists, by copying a migrated template.
-
-    A fresh database runs every MLflow migration (7 to 15 s here); the template is built once per MLflow
-    version in `cache_dir()`. `default_artifacts` becomes the "Default" experiment's artifact location
-    (the template was built elsewhere), e.g. "mlflow-artifacts:/0" behind a server.
-    """
-    if db.exists():
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    template = cache_dir() / f"mlflow-{mlflow.__version__}.db"
-    template.parent.mkdir(parents=True, exist_ok=True)
-    with open(template.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not template.exists():
-            building = template.with_name(f".{template.name}.{os.getpid()}.tmp")
-            building.unlink(missing_ok=True)
-            MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
-            os.replace(building, template)
-    copy = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    shutil.copyfile(template, copy)
-    with sqlite3.connect(copy) as conn:
-        conn.execute(
-            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default_artifacts,)
-        )
-    conn.close()
-    if db.exists():  # another process created it meanwhile: keep theirs
-        copy.unlink()
-        return
-    os.replace(copy, db)
 
 
 def _drop_secrets(values: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -229,7 +189,7 @@ def _default_uri(state_dir: Path | str | None = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    from connectors.services import running_mlflow_url
+    from connectors.service_state import running_mlflow_url
 
     url = running_mlflow_url(state_dir)
     if url is not None:
@@ -239,7 +199,7 @@ def _default_uri(state_dir: Path | str | None = None) -> str:
 
 def local_tracking_uri(state_dir: Path | str | None = None) -> str:
     """Server-less tracking: the sqlite database the local MLflow server would use, in the state dir."""
-    from connectors.services import default_state_dir
+    from connectors.service_state import default_state_dir
 
     root = Path(state_dir).absolute() if state_dir is not None else default_state_dir()
     return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"

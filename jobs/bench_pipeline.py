@@ -34,12 +34,12 @@ import pyarrow.parquet as pq
 import torch
 import typer
 
-from connectors import storage
 from jobs import embed, fit_posterior, make_world
 from jobs._app import NumCpusOption, run_command
 from pipeline import runtime
+from pipeline.artifacts.posterior import load_posterior
 from pipeline.data.decode import decode_batch, split_preprocess
-from pipeline.posterior_artifact import load_posterior
+from pipeline.io import storage
 from pipeline.stages.base import trace
 from pipeline.stages.embed import ModelSpec
 

@@ -16,10 +16,10 @@ import typer
 
 from jobs._app import AddressOption, ConfigOption, ExecutorOption, NumCpusOption, run_command
 from pipeline import runtime
+from pipeline.artifacts.posterior import check_identity, read_info
 from pipeline.config import Config, load_config
 from pipeline.data import quarantine
 from pipeline.data.sources import DEFAULT_ROWS_PER_SHARD, SourceFormat, plan_shards
-from pipeline.posterior_artifact import check_identity, read_info
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.embed import EmbedStage, ModelSpec
 from pipeline.stages.shards import Ledger, pending_shards

@@ -27,15 +27,16 @@ from jobs._app import (
     run_command,
 )
 from pipeline import runtime
+from pipeline.artifacts.posterior import write_posterior
 from pipeline.bayes.curvature import Likelihood
+from pipeline.bayes.head import TOWERS
 from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
 from pipeline.config import Config, load_config
 from pipeline.data import quarantine
 from pipeline.data.sources import SourceFormat, plan_shards
-from pipeline.posterior_artifact import write_posterior
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.embed import ModelSpec, PairFeaturesStage
-from pipeline.stages.factors import TOWERS, factor_path, load_and_sum, sum_factors
+from pipeline.stages.factors import factor_path, load_and_sum, sum_factors
 from pipeline.stages.shards import Ledger, pending_shards
 from pipeline.stages.sinks import FactorSink, write_shard_factors
 

@@ -16,11 +16,11 @@ import numpy as np
 import typer
 from PIL import Image
 
-from connectors import storage
 from jobs._app import ConfigOption, run_command
 from pipeline.config import Config, load_config
 from pipeline.data import synthetic
 from pipeline.data.writers import CorpusFormat, CorpusRecord, write_corpus
+from pipeline.io import storage
 
 CORRUPTIONS: tuple[str, ...] = ("truncated", "empty", "huge_dims", "missing_caption", "wrong_mode")
 

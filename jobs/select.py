@@ -16,14 +16,14 @@ from typing import Annotated, Any
 import pyarrow as pa
 import typer
 
-from connectors import storage
 from jobs._app import ConfigOption, run_command
+from pipeline.artifacts.posterior import load_posterior, read_info
 from pipeline.bayes.acquisition import Method
 from pipeline.bayes.neighbours import Metric
 from pipeline.classes import class_text_features, read_classes
 from pipeline.config import Config, load_config
 from pipeline.data.sources import plan_shards, read_shard
-from pipeline.posterior_artifact import load_posterior, read_info
+from pipeline.io import storage
 from pipeline.selection import Pick, choose, read_embeddings
 from pipeline.stages.embed import ModelSpec
 

@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import torch
 import typer
 
-from connectors import storage
 from jobs._app import ConfigOption, ExperimentOption, TrackingOption, TrackingUriOption, run_command
+from pipeline.artifacts.posterior import load_posterior, read_info
 from pipeline.bayes import metrics
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.classes import class_text_features, read_classes
 from pipeline.config import Config, load_config
-from pipeline.posterior_artifact import load_posterior, read_info
+from pipeline.io import storage
+from pipeline.io.vectors import vector_column
 from pipeline.stages.embed import ModelSpec
-from pipeline.stages.sinks import vector_column
 
 
 class ZeroshotConfig(Config):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from connectors import storage
+from pipeline.io import storage
 
 DEFAULT_PROMPT = "a photo of a {}"
 

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from connectors import storage
 from pipeline.bayes.acquisition import Method, select_batch
 from pipeline.bayes.head import BayesHead
 from pipeline.bayes.neighbours import Metric, candidates
+from pipeline.io import storage
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch import Tensor
 from pipeline.bayes.curvature import ggn
 from pipeline.bayes.head import BayesHead
 from pipeline.bayes.kron import KronFactors
+from pipeline.bayes.metrics import entropy
 
 
 class Method(str, Enum):
@@ -25,14 +26,6 @@ class Method(str, Enum):
     """Expected predictive information gain about predictions on target inputs (needs targets)."""
     BALD = "bald"
     """Mutual information between the label of the point and the parameters."""
-
-
-def entropy(probs: Tensor) -> Tensor:
-    """Shannon entropy in nats over the last axis: `H[p] = −Σ_c p_c log p_c`.
-
-    probs [..., C] -> [...].
-    """
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
 def bald(probs: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.bayes.curvature import Likelihood
 from pipeline.bayes.kron import KronPosterior
 
+TOWERS: tuple[str, ...] = ("image", "text")  # the two projections a posterior covers, in file order
+
 
 def _check_offset(offset: Tensor | None, n: int, dim: int, what: str) -> None:
     if offset is not None and tuple(offset.shape) != (n, dim):

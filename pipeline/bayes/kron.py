@@ -14,20 +14,15 @@ needs to know.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 FORMAT = "bayescurate.kron_factors/1"
-_META_KEY = "bayescurate"
 
 
 def _code_version() -> str:
@@ -139,7 +134,7 @@ class KronFactors:
         )
 
     def header(self) -> dict[str, Any]:
-        """The JSON header written by `save`: meta plus shapes, n, dtype and the code version."""
+        """The JSON header an artifact stores: meta plus shapes, n, dtype and the code version."""
         return {
             **self.meta,
             "format": FORMAT,
@@ -151,61 +146,40 @@ class KronFactors:
             "meta": dict(self.meta),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (tensors `A`, `B`; JSON header under the key "bayescurate").
-
-        The write is atomic: a temporary file in the same folder, then `os.replace`.
-        """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"A": self.A.detach().contiguous().cpu(), "B": self.B.detach().contiguous().cpu()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(self.header(), sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors an artifact stores: `A` [d, d] and `B` [D, D] (see `pipeline.artifacts.factors`)."""
+        return {"A": self.A, "B": self.B}
 
     @classmethod
-    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> KronFactors:
-        """Read factors written by `save`.
+    def from_tensors(
+        cls,
+        tensors: dict[str, Tensor],
+        header: dict[str, Any],
+        *,
+        expect: dict[str, Any] | None = None,
+        where: str = "factors",
+    ) -> KronFactors:
+        """Factors from the tensors and header that `tensors()` and `header()` produced.
 
         `expect` maps header keys (model, tower, likelihood, d, D, dtype, ...) to required values; a missing
         or different value raises ValueError naming both. Tensor shapes are checked against the header.
+        `where` names the source in error messages (e.g. the file).
         """
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"KFAC factors file {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get(_META_KEY)
-                names = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in names & {"A", "B"}}
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
-        if raw is None or names != {"A", "B"}:
-            raise ValueError(f"{str(path)!r} is not a KFAC factors file (header or tensors A, B missing)")
-        header = json.loads(raw)
+        if set(tensors) != {"A", "B"}:
+            raise ValueError(f"{where!r} is not a KFAC factors file (tensors A, B missing)")
         if header.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} has format {header.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{where!r} has format {header.get('format')!r}, expected {FORMAT!r}")
         a, b = tensors["A"], tensors["B"]
         if list(a.shape) != [header["d"]] * 2 or list(b.shape) != [header["D"]] * 2:
             raise ValueError(
-                f"{str(path)!r}: tensor shapes A {list(a.shape)}, B {list(b.shape)} do not match the header "
+                f"{where!r}: tensor shapes A {list(a.shape)}, B {list(b.shape)} do not match the header "
                 f"d={header['d']}, D={header['D']}"
             )
         for key, want in (expect or {}).items():
             if key not in header:
-                raise ValueError(f"{str(path)!r} has no {key!r} in its header; expected {want!r}")
+                raise ValueError(f"{where!r} has no {key!r} in its header; expected {want!r}")
             if header[key] != want:
-                raise ValueError(f"{str(path)!r} has {key}={header[key]!r}, expected {key}={want!r}")
+                raise ValueError(f"{where!r} has {key}={header[key]!r}, expected {key}={want!r}")
         return cls(a, b, float(header["n"]), dict(header.get("meta", {})))
 
 
@@ -451,6 +425,29 @@ class KronPosterior:
         extra = factors.to(dtype=self.factors.A.dtype, device=self.factors.A.device)
         merged = self.factors + extra.scaled(weight)
         return KronPosterior(merged, self.weight, self.prior_precision, self.hessian_scale, self.damping)
+
+    def precision_quadratic(self, delta: Tensor) -> Tensor:
+        """`vec(Δ)ᵀ Λ vec(Δ)` for a weight offset Δ [D, d] (or a batch [..., D, d]), differentiable in Δ.
+
+        paper: `Λ = A' ⊗ B'`, so the form is `tr(Δᵀ B' Δ A') = ⟨Δ, B' Δ A'⟩_F` (MATH §9), with
+        `A' = √(τ/N) A + √λ I`, `B' = √(τ/N) B + √λ I`; exact: `(τ/N)⟨Δ, B Δ A⟩_F + λ‖Δ‖²_F`.
+        Never forms the Kronecker product: `O(D·d·(D + d))`.
+        """
+        if tuple(delta.shape[-2:]) != (self.factors.D, self.factors.d):
+            raise ValueError(
+                f"weight offset has shape {list(delta.shape)} but the posterior is over "
+                f"[{self.factors.D}, {self.factors.d}]"
+            )
+        A = _sym(self.factors.A).to(delta)
+        B = _sym(self.factors.B).to(delta)
+        scale, lam = self._data_scale, self.prior_precision
+        if self.damping is Damping.EXACT:
+            data = (delta * (B @ delta @ A)).sum(dim=(-2, -1))
+            return scale * data + lam * delta.square().sum(dim=(-2, -1))
+        root, sq = math.sqrt(scale), math.sqrt(lam)
+        b_delta = root * (B @ delta) + sq * delta  # B' Δ
+        b_delta_a = root * (b_delta @ A) + sq * b_delta  # B' Δ A'
+        return (delta * b_delta_a).sum(dim=(-2, -1))
 
     # -- dense twins (tests, small sizes) -------------------------------------------------------------
     def precision_dense(self) -> Tensor:

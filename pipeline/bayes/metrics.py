@@ -18,6 +18,14 @@ DEFAULT_BINS = 15
 EPS = 1e-12
 
 
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy in nats over the last axis: `H[p] = −Σ_c p_c log p_c`, with `0 log 0 = 0`.
+
+    probs [..., C] -> [...].
+    """
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
 def _check(probs: Tensor, labels: Tensor) -> None:
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [N, C], got {list(probs.shape)}")
@@ -140,7 +148,7 @@ def calibration_report(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS
     _check(probs, labels)
     p = probs.double()
     wrong = p.argmax(dim=1) != labels
-    entropy = -torch.special.xlogy(p, p).sum(dim=1)
+    uncertainty = entropy(p)  # [N]
     n_wrong = int(wrong.sum())
     both = 0 < n_wrong < len(wrong)
     return {
@@ -149,7 +157,7 @@ def calibration_report(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS
         "brier": brier(probs, labels),
         "ece": ece(probs, labels, n_bins),
         "n_bins": float(n_bins),
-        "auroc_entropy_error": auroc(entropy, wrong) if both else math.nan,
+        "auroc_entropy_error": auroc(uncertainty, wrong) if both else math.nan,
         "mean_confidence": float(p.max(dim=1).values.mean()),
         "n": float(len(labels)),
     }

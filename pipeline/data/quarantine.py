@@ -12,7 +12,7 @@ from enum import Enum
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from connectors import storage
+from pipeline.io import storage
 
 
 class Reason(str, Enum):

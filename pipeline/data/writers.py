@@ -16,7 +16,7 @@ from itertools import islice
 
 import pyarrow as pa
 
-from connectors import storage
+from pipeline.io import storage
 
 
 class CorpusFormat(str, Enum):

@@ -135,7 +135,7 @@ class EmbedStage(_ModelStage):
     def setup(self) -> None:
         super().setup()
         if self.posterior_dir is not None:
-            from pipeline.posterior_artifact import load_posterior
+            from pipeline.artifacts.posterior import load_posterior
 
             start = time.perf_counter()
             self.head = load_posterior(self.posterior_dir, self.adapter)

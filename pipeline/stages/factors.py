@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.artifacts.factors import load_factors
 from pipeline.bayes.contrastive import contrastive_factors
 from pipeline.bayes.kron import KronFactors
 from pipeline.stages.base import ROW, Batch
 from pipeline.stages.decode import OK
 from pipeline.stages.embed import IMAGE_ACTS, IMAGE_EMB, TEXT_ACTS, TEXT_EMB
-
-TOWERS: tuple[str, ...] = ("image", "text")
 
 
 def shard_factors(
@@ -70,7 +69,7 @@ def sum_factors(factors: Iterable[KronFactors]) -> KronFactors:
 
 def load_and_sum(paths: list[str]) -> KronFactors:
     """Sum of the factor files `paths`, in sorted path order (one leaf of the reduction tree)."""
-    return sum_factors(KronFactors.load(p) for p in sorted(paths))
+    return sum_factors(load_factors(p) for p in sorted(paths))
 
 
 def factor_path(directory: str | Path, shard_id: str, tower: str) -> str:

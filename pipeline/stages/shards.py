@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from connectors import storage
 from pipeline.data.sources import Shard
+from pipeline.io import storage
 from pipeline.stages.base import ROW, SHARD, SHARD_ROWS, Batch, concat, num_rows, take
 
 DONE_DIR = "_done"

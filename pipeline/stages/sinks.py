@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from connectors import storage
+from pipeline.artifacts.factors import save_factors
 from pipeline.data import quarantine
+from pipeline.io import storage
+from pipeline.io.vectors import vector_column
 from pipeline.stages.base import ROW, SHARD, SHARD_ROWS, Batch, take
 from pipeline.stages.decode import ERROR, OK, PIXELS, REASON
 from pipeline.stages.embed import (
@@ -84,12 +86,6 @@ def split_verdicts(rows: Batch) -> tuple[Batch, pa.Table]:
     return take(rows, ok), table
 
 
-def vector_column(values: np.ndarray) -> pa.Array:
-    """[N, D] float array -> Arrow `fixed_size_list<float>[D]` (zero-copy from a contiguous float32 array)."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
 def _string_column(values: np.ndarray) -> pa.Array:
     return pa.array([None if v is None else str(v) for v in values], pa.string())
 
@@ -134,7 +130,7 @@ def write_shard_factors(
     """Accumulate and save one shard's factors, then its marker (a retry-safe unit of work)."""
     factors = shard_factors(rows, **params)
     for tower, f in factors.items():
-        f.save(factor_path(out, shard_id, tower))
+        save_factors(factor_path(out, shard_id, tower), f)
     Ledger(out).mark(shard_id, info)
     return info
 

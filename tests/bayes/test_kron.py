@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pipeline.bayes.curvature import infonce_ggn
 from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
@@ -182,26 +179,21 @@ def test_merge_rejects_incompatible_factors() -> None:
         f.scaled(-1)
 
 
-def test_save_load_round_trip_and_mismatch(tmp_path: Path) -> None:
-    meta = {"model": "bayescurate-tiny", "tower": "image", "likelihood": "infonce"}
-    f = _factors(meta=meta)
-    path = f.save(tmp_path / "sub" / "image.kfac.safetensors")
-    assert [p.name for p in path.parent.iterdir()] == ["image.kfac.safetensors"]  # no temp file left
-    g = KronFactors.load(path, expect={"model": "bayescurate-tiny", "d": d, "D": D, "dtype": "float64"})
-    assert torch.equal(g.A, f.A) and torch.equal(g.B, f.B) and g.n == f.n and g.meta == meta
-    with pytest.raises(ValueError, match="has tower='image', expected tower='text'"):
-        KronFactors.load(path, expect={"tower": "text"})
-    with pytest.raises(ValueError, match="has D=4, expected D=512"):
-        KronFactors.load(path, expect={"D": 512})
-    with pytest.raises(FileNotFoundError):
-        KronFactors.load(tmp_path / "missing.safetensors")
-    # a header that disagrees with the tensors
-    header = json.loads(json.dumps(f.header()))
-    header["D"] = 6
-    bad = tmp_path / "bad.safetensors"
-    save_file({"A": f.A, "B": f.B}, str(bad), metadata={"bayescurate": json.dumps(header)})
-    with pytest.raises(ValueError, match="do not match the header"):
-        KronFactors.load(bad)
+@pytest.mark.parametrize("damping", DAMPINGS)
+def test_precision_quadratic_matches_the_dense_kronecker_form(damping: str) -> None:
+    """`vec(Δ)ᵀ Λ vec(Δ)` without the Kronecker product, against the explicit matrix (float64, 1e-12)."""
+    f = _factors()
+    post = KronPosterior(f, _weight(), prior_precision=0.7, hessian_scale=TAU, damping=damping)
+    deltas = torch.randn(3, D, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    prec = _dense_precision(f, 0.7, TAU, damping)
+    expected = torch.stack([_vec(x) @ prec @ _vec(x) for x in deltas])
+    torch.testing.assert_close(post.precision_quadratic(deltas), expected, rtol=1e-12, atol=1e-12)
+    # its gradient is 2 Λ vec(Δ), as the re-fit objective needs
+    delta = deltas[0].clone().requires_grad_(True)
+    post.precision_quadratic(delta).backward()
+    torch.testing.assert_close(_vec(delta.grad), 2 * prec @ _vec(deltas[0]), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"weight offset has shape \[5, 4\]"):
+        post.precision_quadratic(deltas[0].T)
 
 
 def test_posterior_rejects_bad_input() -> None:

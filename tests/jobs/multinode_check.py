@@ -22,8 +22,8 @@ def main(work: str) -> None:
 
     from jobs import fit_posterior, make_world
     from pipeline import runtime
-    from pipeline.bayes.kron import KronFactors
-    from pipeline.posterior_artifact import read_info
+    from pipeline.artifacts.factors import load_factors
+    from pipeline.artifacts.posterior import read_info
 
     model = "factory:tests.stages.standin:load"
     make_world.main(["--out", f"{work}/world", "--n", "600", "--per-file", "200"])
@@ -60,8 +60,8 @@ def main(work: str) -> None:
     rc_local = fit_posterior.main([*args, "--out", f"{work}/local", "--executor", "local"])
     diffs = {}
     for tower in ("image", "text"):
-        a = KronFactors.load(f"{work}/cluster/{tower}.safetensors")
-        b = KronFactors.load(f"{work}/local/{tower}.safetensors")
+        a = load_factors(f"{work}/cluster/{tower}.safetensors")
+        b = load_factors(f"{work}/local/{tower}.safetensors")
         diffs[tower] = {
             "A": float((a.A - b.A).abs().max()),
             "B": float((a.B - b.B).abs().max()),

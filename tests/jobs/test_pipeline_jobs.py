@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors import storage
 from jobs import embed, fit_posterior, make_world, zeroshot
-from pipeline.posterior_artifact import load_posterior, read_info
+from pipeline.artifacts.posterior import load_posterior, read_info
+from pipeline.io import storage
 from tests.stages.standin import StandInAdapter
 
 MODEL = "factory:tests.stages.standin:load"

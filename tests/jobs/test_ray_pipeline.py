@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jobs import embed, fit_posterior, make_world
-from pipeline.bayes.kron import KronFactors
+from pipeline.artifacts.factors import load_factors
 
 MODEL = "factory:tests.stages.standin:load"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,8 +43,8 @@ def test_ray_matches_local_and_survives_actor_kill(ray_session: None, tmp_path: 
     assert fit_posterior.main([*fit, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
     assert fit_posterior.main([*fit, "--out", str(tmp_path / "local"), "--executor", "local"]) == 0
     for tower in ("image", "text"):
-        a = KronFactors.load(tmp_path / "ray" / f"{tower}.safetensors")
-        b = KronFactors.load(tmp_path / "local" / f"{tower}.safetensors")
+        a = load_factors(tmp_path / "ray" / f"{tower}.safetensors")
+        b = load_factors(tmp_path / "local" / f"{tower}.safetensors")
         torch.testing.assert_close(a.A, b.A, rtol=1e-6, atol=1e-6 * float(b.A.abs().max()))
         torch.testing.assert_close(a.B, b.B, rtol=1e-6, atol=1e-6 * float(b.B.abs().max()))
         assert a.n == b.n

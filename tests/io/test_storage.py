@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from connectors import storage
+from pipeline.io import storage
 
 
 def test_parquet_roundtrip_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_parquet_roundtrip_is_atomic_and_leaves_no_temp_files(tmp_path: Path) ->
 def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
     storage.write_json(target, {"round": 1})
-    with pytest.raises(TypeError), storage._atomic_output(target) as out:
+    with pytest.raises(TypeError), storage.atomic_output(target) as out:
         out.write(b"half a fi")
         raise TypeError("killed mid-write")
     assert storage.read_json(target) == {"round": 1}

@@ -1,0 +1,248 @@
+"""The one place that writes: paths and URIs through `pyarrow.fs`, every write atomic.
+
+Local paths, `file://`, `s3://` and `gs://` URIs all go through here. A reader never sees half a file and a
+killed job leaves no partial output: locally the bytes land in a temporary sibling and are renamed into
+place (`os.replace`); object stores have no rename, but a single PUT is already atomic, so there the file
+is written directly. `local_target` gives tools that need a real filename (sqlite, matplotlib) the same
+guarantee. `create_exclusive` is the primitive a lease is built on.
+
+Every completed write passes `faults.checkpoint`, so crash tests can kill a process between any two writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.io import faults
+
+PathLike = str | os.PathLike[str]
+
+
+def resolve(uri: PathLike) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and in-filesystem path for a local path, `file://` URI or any pyarrow URI (s3, gs, hdfs)."""
+    text = os.fspath(uri)
+    if not text:
+        raise ValueError("empty path or URI")
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"cannot open URI {text!r}: {exc}") from None
+
+
+def is_local(uri: PathLike) -> bool:
+    """True for plain paths and `file://` URIs."""
+    return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` for paths and URIs alike (never drops the scheme, unlike `os.path.join`)."""
+    out = os.fspath(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+
+
+def exists(uri: PathLike) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: PathLike) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def makedirs(uri: PathLike) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def remove(uri: PathLike) -> None:
+    """Delete a file or a directory tree; a missing path is not an error."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: PathLike, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Sorted paths of the files under `uri` whose name ends with `suffix` (same scheme as `uri`).
+
+    Hidden files (leading dot: temporaries of in-flight writes) are never listed.
+    """
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{os.fspath(uri)!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [os.fspath(uri)] if info.path.endswith(suffix) else []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    found = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith(".")
+    )
+    text = os.fspath(uri)
+    if "://" in text and not isinstance(fs, pafs.LocalFileSystem):
+        scheme = text.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in found]
+    return found
+
+
+def _temp_sibling(path: str) -> str:
+    return f"{_parent(path)}/.{Path(path).name}.{uuid.uuid4().hex}.tmp"
+
+
+@contextmanager
+def local_target(path: PathLike, *, private: bool = False) -> Iterator[Path]:
+    """A temporary local file that replaces `path` when the block exits without an error.
+
+    For tools that write by filename. `private`: created 0600, never readable by others in between.
+    """
+    target = Path(path).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(_temp_sibling(str(target)))
+    try:
+        if private:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    faults.checkpoint(str(target))
+
+
+@contextmanager
+def atomic_output(uri: PathLike, *, private: bool = False) -> Iterator[BinaryIO]:
+    """Writable stream that becomes visible at `uri` only when the block exits without an error."""
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        if private:
+            raise ValueError(f"cannot write a private (0600) file to an object store: {os.fspath(uri)!r}")
+        parent = _parent(path)
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as out:
+            yield out  # type: ignore[misc]
+        faults.checkpoint(os.fspath(uri))
+        return
+    with local_target(path, private=private) as tmp, open(tmp, "wb") as out:
+        yield out
+
+
+def write_bytes(uri: PathLike, data: bytes, *, private: bool = False) -> None:
+    with atomic_output(uri, private=private) as out:
+        out.write(data)
+
+
+def read_bytes(uri: PathLike) -> bytes:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{os.fspath(uri)!r} is not a file")
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_text(uri: PathLike, text: str, *, private: bool = False) -> None:
+    write_bytes(uri, text.encode("utf-8"), private=private)
+
+
+def read_text(uri: PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_json(uri: PathLike, obj: Any, *, indent: int | None = 2, private: bool = False) -> None:
+    write_text(uri, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n", private=private)
+
+
+def read_json(uri: PathLike) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_parquet(table: pa.Table, uri: PathLike, **kwargs: Any) -> None:
+    """Write one Parquet file atomically; `kwargs` go to `pyarrow.parquet.write_table`."""
+    with atomic_output(uri) as out:
+        pq.write_table(table, out, **kwargs)
+
+
+def read_parquet(uri: PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file or a directory of Parquet files (hidden and temporary files skipped)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{os.fspath(uri)!r} does not exist")
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def sha256(uri: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, streamed."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{os.fspath(uri)!r} is not a file")
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def create_exclusive(uri: PathLike, data: bytes) -> bool:
+    """Write `data` at `uri` only if nothing is there; True if this call created it.
+
+    Locally the complete file is written aside and hard-linked into place, which fails if the name exists,
+    so two racing callers cannot both win and nobody sees a half-written file.
+    """
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise NotImplementedError(f"exclusive create is only implemented for local paths: {os.fspath(uri)!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(_temp_sibling(str(target)))
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    faults.checkpoint(str(target))
+    return True
+
+
+def rename(src: PathLike, dst: PathLike) -> bool:
+    """Move a file to a new name on the same filesystem; False if `src` was already gone (lost a race)."""
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    try:
+        fs.move(src_path, dst_path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if fs.get_file_info(src_path).type == pafs.FileType.NotFound:
+            return False
+        raise exc
+    return True

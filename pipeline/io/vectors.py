@@ -1,0 +1,37 @@
+"""The one Parquet codec for vector columns: `[N, D]` arrays <-> Arrow `fixed_size_list<float>[D]`.
+
+Plain fixed-size lists are what any Parquet reader understands (pandas, DuckDB, Spark, Ray Data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def vector_column(values: np.ndarray | torch.Tensor) -> pa.Array:
+    """[N, D] array -> `fixed_size_list<float>[D]` (zero-copy from a contiguous float32 array)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"a vector column needs a [N, D] array, got shape {list(values.shape)}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def matrix(table: pa.Table, name: str, dtype: np.dtype | type = np.float64) -> np.ndarray:
+    """A vector column of `table` as a [N, D] array of `dtype`."""
+    if name not in table.column_names:
+        raise ValueError(f"no vector column {name!r}; columns: {table.column_names}")
+    field = table.schema.field(name)
+    if not pa.types.is_fixed_size_list(field.type):
+        raise ValueError(f"column {name!r} has type {field.type}, expected fixed_size_list<float>[D]")
+    width = field.type.list_size
+    column = table.column(name).combine_chunks() if table.num_rows else pa.array([], field.type)
+    return np.asarray(column.flatten()).reshape(-1, width).astype(dtype, copy=False)
+
+
+def tensor(table: pa.Table, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A vector column of `table` as a [N, D] tensor of `dtype`."""
+    return torch.from_numpy(np.ascontiguousarray(matrix(table, name, np.float64))).to(dtype)
