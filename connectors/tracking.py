@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from connectors.mlflow_server import ensure_sqlite_db
+from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,16 @@ class Run:
 
     def log_text(self, text: str, name: str) -> None:
         self._client.log_text(self.run_id, text, name)
+
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """`data` as the artifact `name`, e.g. "plots/curve.png" (replaces an earlier one of that name)."""
+        import tempfile
+
+        folder, _, base = name.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="bc-artifact-") as tmp:
+            path = Path(tmp) / base
+            storage.write_bytes(path, data)
+            self._client.log_artifact(self.run_id, str(path), folder or None)
 
 
 class Tracker:

@@ -1,28 +1,33 @@
-"""Runs one typer command function as `main(argv) -> int`, turning user errors into clear messages."""
+"""Commands generated from config models, run as `main(argv) -> int` with user errors as clear messages.
+
+`ConfigCommand(Config, run)` turns every field of the config model into a flag: `--field-name`, its help
+text the field's comment (`pipeline.config.field_docs`), enums as choices, booleans as
+`--flag/--no-flag`, tuples and lists as repeatable flags, a nested `Config` section as
+`--section-field`. Every command also takes `--config FILE.yaml` (field names as in the model; flags
+override the file), and a required field may come from either. A field named in `positional` is an
+argument instead of a flag (the campaign directory).
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
-# Options shared by several commands (each command's config model has the matching field).
-ConfigOption = Annotated[
-    Path | None, typer.Option(help="YAML config file with the command's fields; flags override it.")
-]
-ExecutorOption = Annotated[str | None, typer.Option(help="ray or local (in-process, no Ray).")]
-AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: embedded local Ray).")]
-NumCpusOption = Annotated[int | None, typer.Option(help="CPUs of the embedded local Ray (default: all).")]
-TrackingOption = Annotated[bool | None, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")]
-TrackingUriOption = Annotated[
-    str | None,
-    typer.Option(help="MLflow URI (default: $MLFLOW_TRACKING_URI, the `services` MLflow, or .state sqlite)."),
-]
-ExperimentOption = Annotated[str | None, typer.Option(help="MLflow experiment.")]
+from pipeline.config import Config, field_docs, load_config
+
+C = TypeVar("C", bound=Config)
 
 # Errors that mean "the user asked for something wrong", or a service said no: one line, exit code 2.
 # The connectors' own errors (e.g. a refused Label Studio token) are written to be shown as they are.
@@ -64,3 +69,212 @@ def run_command(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str) -
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+# ------------------------------------------------------------------------------------ config -> flags
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a config field (possibly inside a section)."""
+
+    path: tuple[str, ...]  # field names from the top-level model down, e.g. ("labels", "source")
+    param: str  # python parameter name, e.g. "labels_source"
+    annotation: Any  # the typer type of the parameter
+    kind: str  # "scalar", "bool", "list" or "enum"
+    positional: bool = False
+
+    @property
+    def option(self) -> str:
+        return "--" + self.param.replace("_", "-")
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        raise TypeError(f"unsupported union type {annotation!r} in a config field")
+    return annotation
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _flag_type(annotation: Any, where: str) -> tuple[Any, str]:
+    inner = _unwrap_optional(annotation)
+    origin = typing.get_origin(inner)
+    if origin in (tuple, list, Sequence):
+        args = [a for a in typing.get_args(inner) if a is not Ellipsis]
+        item = _unwrap_optional(args[0]) if args else str
+        return list[item], "list"  # type: ignore[valid-type]
+    if inner is bool:
+        return bool, "bool"
+    if isinstance(inner, type) and issubclass(inner, Enum):
+        return inner, "enum"
+    if inner in (str, int, float, Path):
+        return inner, "scalar"
+    raise TypeError(f"config field {where} has type {annotation!r}, which no flag can express")
+
+
+def _default_text(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return ""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, tuple | list):
+        value = " ".join(str(v.value if isinstance(v, Enum) else v) for v in value) or "none"
+    if isinstance(value, bool):
+        return "default: on" if value else "default: off"
+    return f"default: {value}"
+
+
+def config_flags(
+    cls: type[Config], positional: Sequence[str] = (), prefix: tuple[str, ...] = ()
+) -> list[tuple[Flag, str]]:
+    """(flag, help text) for every field of `cls`, sections flattened."""
+    out: list[tuple[Flag, str]] = []
+    docs = field_docs(cls)
+    for name, field in cls.model_fields.items():
+        path = (*prefix, name)
+        annotation = _unwrap_optional(field.annotation)
+        if _is_section(annotation):
+            out += config_flags(annotation, (), path)
+            continue
+        where = ".".join(path)
+        typ, kind = _flag_type(field.annotation, where)
+        help_text = docs.get(name, "")
+        is_positional = not prefix and name in positional
+        extra = "" if is_positional else _default_text(field)
+        if extra:
+            help_text = f"{help_text} [{extra}]" if help_text else f"[{extra}]"
+        flag = Flag(path, "_".join(path), typ, kind, positional=is_positional)
+        out.append((flag, help_text))
+    return out
+
+
+def _parameter(flag: Flag, help_text: str) -> inspect.Parameter:
+    if flag.positional:
+        info: Any = typer.Argument(help=help_text, show_default=False)
+        return inspect.Parameter(
+            flag.param, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[flag.annotation, info]
+        )
+    if flag.kind == "bool":
+        name = flag.option.removeprefix("--")
+        info = typer.Option(f"--{name}/--no-{name}", help=help_text, show_default=False)
+    else:
+        info = typer.Option(flag.option, help=help_text, show_default=False)
+    return inspect.Parameter(
+        flag.param,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[flag.annotation | None, info],  # type: ignore[operator]
+    )
+
+
+def _nest(values: dict[str, Any], flags: list[Flag]) -> dict[str, Any]:
+    """Flat flag values -> the nested override dict `load_config` expects (None: not given)."""
+    out: dict[str, Any] = {}
+    for flag in flags:
+        value = values.get(flag.param)
+        if value is None or (flag.kind == "list" and value == []):
+            continue
+        node = out
+        for key in flag.path[:-1]:
+            node = node.setdefault(key, {})
+        node[flag.path[-1]] = value
+    return out
+
+
+class ConfigCommand(Generic[C]):
+    """A command whose flags are generated from `config` and whose body is `run(cfg) -> exit code`."""
+
+    def __init__(
+        self,
+        config: type[C],
+        run: Callable[[C], int | None],
+        prog: str,
+        *,
+        help: str | None = None,
+        positional: Sequence[str] = (),
+    ) -> None:
+        self.config = config
+        self.run = run
+        self.prog = prog
+        self.help = help or (run.__doc__ or "").strip() or (config.__doc__ or "").strip()
+        self.positional = tuple(positional)
+        self.flags = config_flags(config, self.positional)
+
+    def parse(self, argv: Sequence[str]) -> C:
+        """The config that `argv` (flags and `--config`) describes, without running the command."""
+        found: list[C] = []
+        code = self._execute(argv, found.append)
+        if code != 0 or not found:
+            raise ValueError(f"{self.prog}: could not parse {list(argv)} (exit code {code})")
+        return found[0]
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        return self._execute(argv, self.run)
+
+    def option_names(self) -> set[str]:
+        """Every flag the command accepts (both forms of a boolean, `--config` and `--help`)."""
+        names = {"--config", "--help"}
+        for flag, _ in self.flags:
+            if flag.positional:
+                continue
+            names.add(flag.option)
+            if flag.kind == "bool":
+                names.add("--no-" + flag.option.removeprefix("--"))
+        return names
+
+    __call__ = main
+
+    def _execute(self, argv: Sequence[str] | None, body: Callable[[C], Any]) -> int:
+        flags = [f for f, _ in self.flags]
+
+        def command(**values: Any) -> int:
+            config_file = values.pop("config", None)
+            cfg = load_config(self.config, config_file, **_nest(values, flags))
+            return int(body(cfg) or 0)
+
+        params = [_parameter(f, h) for f, h in self.flags]
+        positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword = [p for p in params if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        config_opt = typer.Option(
+            "--config", help="YAML file with the command's settings (field names as above); flags win."
+        )
+        keyword.append(
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[Path | None, config_opt],
+            )
+        )
+        command.__signature__ = inspect.Signature(positional + keyword)  # type: ignore[attr-defined]
+        command.__doc__ = self.help
+        return run_command(command, argv, self.prog)
+
+
+def subcommands(
+    table: dict[str, tuple[str, str]], argv: Sequence[str] | None, prog: str, what: str = "command"
+) -> int:
+    """Dispatch `prog NAME ...` to `importlib.import_module(table[NAME][0]).main(rest)` (lazy imports)."""
+    import importlib
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in table:
+        if args and args[0] not in ("-h", "--help"):
+            print(f"error: unknown {what} {args[0]!r}", file=sys.stderr)
+        print(f"usage: {prog} {{{','.join(table)}}} [ARGS]...\n")
+        width = max(len(name) for name in table)
+        for name, (_, desc) in table.items():
+            print(f"  {name.ljust(width)}  {desc}")
+        return 0 if not args or args[0] in ("-h", "--help") else 2
+    module = importlib.import_module(table[args[0]][0])
+    return int(module.main(args[1:]))

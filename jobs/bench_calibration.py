@@ -12,17 +12,15 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import typer
 
-from jobs._app import run_command
+from jobs._app import ConfigCommand
 from pipeline.bayes.kron import Damping
 from pipeline.bayes.metrics import calibration_report, reliability
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.data.synthetic import SEVERITIES, SHIFTED_DOMAINS, World, class_names
 from pipeline.evaluation import (
     LabelledImages,
@@ -60,6 +58,7 @@ class CalibrationConfig(Config):
     batch_size: int = 256  # images per encoder batch
     seed: int = 0  # Monte Carlo seed
     out: str = "out/bench/calibration"  # output folder
+    quick: bool = False  # a smoke run of a few seconds (tests) instead of the reported benchmark
 
 
 # `--quick`: a smoke run of a few seconds (the defaults above are the reported benchmark).
@@ -345,24 +344,17 @@ def plot_reliability(
     plt.close(fig)
 
 
-def command(
-    config: Path | None = typer.Option(None, "--config", help="YAML file with CalibrationConfig fields."),
-    out: str | None = typer.Option(None, "--out", help="Output folder [default: out/bench/calibration]."),
-    quick: bool = typer.Option(False, "--quick", help="Small smoke run (seconds) instead of the benchmark."),
-    model: str | None = typer.Option(None, "--model", help="Model name or local checkpoint."),
-    n_fit: int | None = typer.Option(None, "--n-fit", help="Image-caption pairs for the Hessian."),
-    n_test: int | None = typer.Option(None, "--n-test", help="Test images per domain and severity."),
-    mc_samples: int | None = typer.Option(None, "--mc-samples", help="Joint posterior draws for MC."),
-) -> int:
+def main_run(cfg: CalibrationConfig) -> int:
     """MAP vs Bayesian zero-shot calibration in-domain and under shift (both dampings, a τ sweep)."""
-    flags = {"out": out, "model": model, "n_fit": n_fit, "n_test": n_test, "mc_samples": mc_samples}
-    cfg = load_config(CalibrationConfig, config, **flags)
-    if quick:  # the smoke-run sizes, below anything the config file or a flag set explicitly
+    if cfg.quick:  # the smoke-run sizes, below anything the config file or a flag set explicitly
         cfg = cfg.model_copy(update={k: v for k, v in QUICK.items() if k not in cfg.model_fields_set})
     doc = run(cfg)
     print(f"wrote {cfg.out}/summary.md, results.json, reliability.png ({doc['seconds']} s)")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(command, argv, "bayescurate bench calibration")
+CONFIG = CalibrationConfig
+main = ConfigCommand(CalibrationConfig, main_run, "bayescurate bench calibration")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

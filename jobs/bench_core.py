@@ -15,13 +15,11 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import typer
-
-from jobs._app import run_command
+from jobs._app import ConfigCommand
 from pipeline.config import Config
 
 
@@ -246,24 +244,14 @@ def run(cfg: BenchCoreConfig) -> dict[str, Any]:
     return result
 
 
-def command(
-    config: Path | None = typer.Option(None, "--config", help="YAML file with BenchCoreConfig fields."),
-    quick: bool | None = typer.Option(None, "--quick", help="Small smoke run (tiny sizes, tiny model only)."),
-    out: str | None = typer.Option(None, help="JSON output path (default out/bench/core.json)."),
-    repeats: int | None = typer.Option(None, help="Timed repeats per measurement (median reported)."),
-    threads: int | None = typer.Option(None, help="Torch CPU threads."),
-) -> int:
+def main_run(cfg: BenchCoreConfig) -> int:
     """Benchmark the GGN fast path and the overhead of Bayesian embeddings."""
-    from pipeline.config import load_config
-
-    cfg = load_config(BenchCoreConfig, config, quick=quick, out=out, repeats=repeats, threads=threads)
     run(cfg)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(command, argv, "bayescurate bench core")
-
+CONFIG = BenchCoreConfig
+main = ConfigCommand(BenchCoreConfig, main_run, "bayescurate bench core")
 
 if __name__ == "__main__":
     raise SystemExit(main())

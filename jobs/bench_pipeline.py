@@ -3,7 +3,7 @@
 What it reports, per corpus size (JSON in `<out>/bench_pipeline.json`, a table on stdout):
 - plain loop rows/s: read Parquet -> decode -> preprocess -> model, one process, torch on all cores, the
   same decode code, model, batch size and transform as the pipeline (its time split into decode and model);
-- Ray `embed` (via `jobs.embed.embed_corpus`) with variance and deterministic, alternating order, repeated:
+- Ray `embed` (the `pipeline.flows.embed` flow) with variance and deterministic, alternating order, repeated:
   end-to-end rows/s (the job's wall time, actor start and model load included), start-up (job start to the
   first output batch on the driver), steady-state rows/s (rows after the first output batch / time from it
   to the last; shards complete in bursts, so this flatters short runs), and inside the actor the seconds of
@@ -26,20 +26,22 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-import typer
 
-from jobs import embed, fit_posterior, make_world
-from jobs._app import NumCpusOption, run_command
+from jobs._app import ConfigCommand
 from pipeline import runtime
 from pipeline.artifacts.posterior import load_posterior
+from pipeline.config import Config
 from pipeline.data.decode import decode_batch, split_preprocess
+from pipeline.flows.embed import EmbedConfig, embed
+from pipeline.flows.fit import FitConfig, fit_posterior
+from pipeline.flows.world import MakeWorldConfig, make_world
 from pipeline.io import storage
+from pipeline.runtime import Executor
 from pipeline.stages.base import trace
 from pipeline.stages.embed import ModelSpec
 
@@ -196,9 +198,7 @@ def ray_embed(
     """One `embed` job on the running Ray, traced: end-to-end, start-up, steady state, actor times, CPU per
     role; with `memory`, the peak memory too (that run's timings are perturbed by the sampling)."""
     storage.remove(str(target))
-    cfg = embed.load_config(
-        embed.EmbedConfig,
-        None,
+    cfg = EmbedConfig(
         images=str(corpus),
         out=str(target),
         posterior=str(posterior),
@@ -209,7 +209,7 @@ def ray_embed(
     sampler = MemorySampler() if memory else contextlib.nullcontext()
     cpu_before = cpu_by_process()
     with sampler as mem, trace() as tr:
-        summary = embed.embed_corpus(cfg)
+        summary = embed(cfg).to_json()
     cpu = cpu_delta(cpu_before, cpu_by_process())
     times = [t for t, _ in tr.arrivals]
     rows = [r for _, r in tr.arrivals]
@@ -252,26 +252,30 @@ def _spread(runs: list[dict[str, Any]], key: str) -> float:
 def _world(work: Path, size: int) -> Path:
     corpus = work / f"world-{size}"
     if not (corpus / "classes").exists():
-        make_world.main(["--out", str(corpus), "--n", str(size), "--per-file", "5000"])
+        make_world(MakeWorldConfig(out=str(corpus), n=size, per_file=5000))
     return corpus
 
 
-def command(
-    out: Annotated[str, typer.Option(help="Work directory (corpus, posterior, outputs, report).")],
-    n: Annotated[
-        list[int] | None, typer.Option(help="Corpus sizes (repeatable): --n 10000 --n 50000.")
-    ] = None,
-    model: Annotated[str, typer.Option(help="Model name.")] = "bayescurate-tiny",
-    pretrained: Annotated[str | None, typer.Option(help="Weights path or tag.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per model call.")] = 256,
-    rows_per_shard: Annotated[int, typer.Option(help="Rows per shard.")] = 2048,
-    num_cpus: NumCpusOption = None,
-    repeats: Annotated[int, typer.Option(help="Runs of each variant (alternating order).")] = 2,
-    compare_max: Annotated[
-        int, typer.Option(help="Sizes above this get only the memory run (no throughput comparison).")
-    ] = 10000,
-) -> int:
+class BenchPipelineConfig(Config):
+    """Corpus sizes and model of the pipeline benchmark."""
+
+    out: str  # work directory (corpora, posterior, outputs, report)
+    n: tuple[int, ...] = (10000,)  # corpus sizes (repeatable: --n 10000 --n 50000)
+    model: str = "bayescurate-tiny"  # model name
+    pretrained: str | None = None  # weights path or tag
+    batch_size: int = 256  # rows per model call
+    rows_per_shard: int = 2048  # rows per shard
+    num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
+    repeats: int = 2  # runs of each variant (alternating order)
+    compare_max: int = 10000  # sizes above this get only the memory run (no throughput comparison)
+
+
+def bench(cfg: BenchPipelineConfig) -> int:
     """Benchmark the Ray embed pipeline against a plain torch loop."""
+    out, model, pretrained, batch_size = cfg.out, cfg.model, cfg.pretrained, cfg.batch_size
+    rows_per_shard, repeats, compare_max, num_cpus, n = (
+        cfg.rows_per_shard, cfg.repeats, cfg.compare_max, cfg.num_cpus, list(cfg.n)
+    )  # fmt: skip
     work = Path(out)
     posterior = work / "posterior"
     spec = ModelSpec(model, pretrained)
@@ -286,15 +290,15 @@ def command(
     }
     warm = _world(work, 1000)
     if not (posterior / "posterior.json").exists():
-        fit_posterior.main(
-            ["--pairs", str(_world(work, min(sizes))), "--model", model,
-             *(["--pretrained", pretrained] if pretrained else []), "--out", str(posterior),
-             "--block-size", "256", "--executor", "local", "--no-tracking"]
+        fit_posterior(
+            FitConfig(
+                pairs=str(_world(work, min(sizes))), model=model, pretrained=pretrained, out=str(posterior),
+                block_size=256, executor=Executor.LOCAL, tracking=False,
+            )
         )  # fmt: skip
     t0 = time.perf_counter()
-    started = runtime.init_ray(None, num_cpus)
-    report["ray_init_s"] = time.perf_counter() - t0
-    try:
+    with runtime.ray_session(Executor.RAY, None, num_cpus):
+        report["ray_init_s"] = time.perf_counter() - t0
         # Cold run: fresh worker processes import torch; later runs reuse them (the actor still starts anew).
         report["cold_run_1k"] = ray_embed(
             warm, work / "emb-warm", posterior, True, batch_size, rows_per_shard
@@ -345,18 +349,13 @@ def command(
             entry["peak_rss_mb"], entry["peak_pss_mb"] = mem["peak_rss_mb"], mem["peak_pss_mb"]
             report["sizes"][str(size)] = entry
             print(json.dumps({str(size): entry.get("summary", entry)}, indent=2, default=float))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     report["load_avg_end"] = os.getloadavg()
     storage.write_json(work / "bench_pipeline.json", json.loads(json.dumps(report, default=float)))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(command, argv, "bayescurate bench pipeline")
+CONFIG = BenchPipelineConfig
+main = ConfigCommand(BenchPipelineConfig, bench, "bayescurate bench pipeline")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +23,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("jobs.select", "Choose what annotators label next (EPIG/BALD) and send it to Label Studio."),
     "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline."),
 }
+
+
+def config_commands() -> dict[str, Any]:
+    """Every leaf command generated from a config model: "bench core" -> its `ConfigCommand` (imports all)."""
+    from jobs._app import ConfigCommand
+
+    found: dict[str, Any] = {}
+    for name, (module_name, _) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        if isinstance(getattr(module, "main", None), ConfigCommand):
+            found[name] = module.main
+        for sub, (sub_module, _) in getattr(module, "SUBCOMMANDS", {}).items():
+            target = importlib.import_module(sub_module)
+            if isinstance(getattr(target, "main", None), ConfigCommand):
+                found[f"{name} {sub}"] = target.main
+    return found
 
 
 def usage() -> str:

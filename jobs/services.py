@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from enum import Enum
-from pathlib import Path
-
-import typer
 
 from connectors import services
-from jobs._app import run_command
+from jobs._app import ConfigCommand
+from pipeline.config import Config
 
 
 class Action(str, Enum):
@@ -25,32 +22,30 @@ class Action(str, Enum):
     """Report URL, pid and health of each recorded server."""
 
 
-def command(
-    action: Action = typer.Argument(..., help="up, down or status"),
-    state_dir: Path | None = typer.Option(
-        None,
-        "--state-dir",
-        help="Where data, logs and services.json live [default: $BAYESCURATE_STATE_DIR or ./.state]",
-    ),
-    no_labelstudio: bool = typer.Option(False, "--no-labelstudio", help="Leave Label Studio alone."),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Leave MLflow alone."),
-    image_root: Path | None = typer.Option(
-        None, "--image-root", help="Label Studio local-files document root [default: STATE_DIR/images]"
-    ),
-) -> int:
+class ServicesConfig(Config):
+    """Which local servers to start, stop or check, and where their state lives."""
+
+    action: Action  # up, down or status
+    state_dir: str | None = None  # data, logs and services.json (default: $BAYESCURATE_STATE_DIR or ./.state)
+    labelstudio: bool = True  # act on Label Studio
+    mlflow: bool = True  # act on MLflow
+    image_root: str | None = None  # Label Studio's local-files document root (default: STATE_DIR/images)
+
+
+def run(cfg: ServicesConfig) -> int:
     """Start, stop or check the local Label Studio and MLflow servers."""
-    labelstudio, mlflow = not no_labelstudio, not no_mlflow
-    if action == Action.UP:
+    labelstudio, mlflow = cfg.labelstudio, cfg.mlflow
+    if cfg.action == Action.UP:
         state = services.ensure_services(
-            state_dir, labelstudio=labelstudio, mlflow=mlflow, image_root=image_root
+            cfg.state_dir, labelstudio=labelstudio, mlflow=mlflow, image_root=cfg.image_root
         )
         _print_up(state)
         return 0
-    if action == Action.DOWN:
-        stopped = services.stop_services(state_dir, labelstudio=labelstudio, mlflow=mlflow)
+    if cfg.action == Action.DOWN:
+        stopped = services.stop_services(cfg.state_dir, labelstudio=labelstudio, mlflow=mlflow)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
-    report = services.service_status(state_dir)
+    report = services.service_status(cfg.state_dir)
     wanted = {"mlflow": mlflow, "label_studio": labelstudio}
     unhealthy = False
     for name, info in report.items():
@@ -78,5 +73,5 @@ def _print_up(state: services.ServicesState) -> None:
     print(f"State         {state.state_dir / services.STATE_FILE}   (`bayescurate services down` stops them)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(command, argv, "bayescurate services")
+CONFIG = ServicesConfig
+main = ConfigCommand(ServicesConfig, run, "bayescurate services", positional=("action",))

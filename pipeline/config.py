@@ -1,7 +1,17 @@
-"""Configuration models: frozen pydantic models loaded from YAML and overridden by command-line flags."""
+"""Configuration models: frozen pydantic models, loaded from YAML and overridden by command-line flags.
+
+A field's trailing comment is its documentation: `field_docs` reads it from the source, and the CLI
+(`jobs._app.ConfigCommand`) turns it into the flag's help text, so the two cannot drift apart. A field
+that holds another `Config` is a section: nested in YAML, `--section-field` on the command line.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,24 +22,120 @@ T = TypeVar("T", bound="Config")
 
 
 class Config(BaseModel):
-    """Base for every job's configuration: immutable, unknown keys rejected."""
+    """Base for every configuration: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+def _trailing_comments(source: str) -> dict[str, str]:
+    """`name: type = default  # comment` -> {name: comment} for the fields of one class body."""
+    docs: dict[str, str] = {}
+    depth, line_tokens = 0, []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+            continue
+        if tok.type == tokenize.DEDENT:
+            depth -= 1
+            continue
+        if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            names = [t for t in line_tokens if t.type not in (tokenize.COMMENT, tokenize.NL)]
+            comments = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
+            if (
+                depth == 1
+                and len(names) >= 2
+                and names[0].type == tokenize.NAME
+                and names[1].string == ":"
+                and comments
+            ):
+                docs[names[0].string] = " ".join(comments)
+            line_tokens = []
+            continue
+        line_tokens.append(tok)
+    return docs
+
+
+@functools.cache
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    """Help text of every documented field of `cls`: `Field(description=...)`, else its trailing comment."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (frozen app): descriptions only
+            continue
+        docs.update(_trailing_comments(source))
+    for name, field in cls.model_fields.items():
+        if field.description:
+            docs[name] = field.description
+    return {name: text for name, text in docs.items() if name in cls.model_fields}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (local path or URI)."""
+    from pipeline.io import storage
+
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(storage.read_text(path)) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        flag = "--" + "-".join(loc).replace("_", "-")
+        key = ".".join(loc)
+        if err["type"] == "missing":
+            lines.append(f"missing {flag} (or `{key}:` in the --config file)")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {key!r}")
+        else:
+            lines.append(f"{flag}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid {cls.__name__}: " + "; ".join(lines)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
-    """Build `cls` from an optional YAML file, then apply the overrides that are not None (the CLI flags)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    """Build `cls` from an optional YAML file, then apply the overrides that are not None (the CLI flags).
+
+    Nested dicts in `overrides` update the matching section of the file rather than replacing it.
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = _merge(data, overrides)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"invalid {cls.__name__}: {exc}") from None
+        raise ValueError(_describe(cls, exc)) from None
+
+
+class TrackedConfig(Config):
+    """Fields of every config whose run is logged to MLflow."""
+
+    tracking: bool = True  # log the run to MLflow
+    tracking_uri: str | None = (
+        None  # MLflow URI (default: $MLFLOW_TRACKING_URI, the `services` one, or sqlite)
+    )
+    experiment: str = "bayescurate"  # MLflow experiment
+
+    def tracker(self) -> Any:
+        """The `connectors.tracking.Tracker` these fields name (imports MLflow: only when tracking)."""
+        from connectors.tracking import Tracker
+
+        if self.tracking_uri:
+            return Tracker(self.tracking_uri, self.experiment)
+        return Tracker.default(self.experiment)

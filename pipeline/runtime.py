@@ -15,8 +15,20 @@ import dataclasses
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
+
+
+class Executor(str, Enum):
+    """Where a job's stages and helper tasks run."""
+
+    RAY = "ray"
+    """On Ray: an embedded local Ray by default, or the cluster of `--address` / `RAY_ADDRESS`."""
+    LOCAL = "local"
+    """In this process, without Ray: the single-process reference (tests, debugging, tiny inputs)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
         )
     configure_data(progress=None)
     return True
+
+
+@contextmanager
+def ray_session(
+    executor: Executor | str = Executor.RAY, address: str | None = None, num_cpus: int | None = None
+) -> Iterator[None]:
+    """Ray for the duration of the block when `executor` is ray: joined if already up (a job under
+    `ray job submit`, the demo's one Ray for every step), else started and shut down on exit."""
+    started = init_ray(address, num_cpus) if Executor(executor) is Executor.RAY else False
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def worker_env() -> dict[str, str]:
@@ -130,8 +158,50 @@ def plan_pool(
     return plan
 
 
+def plan(executor: Executor | str) -> PoolPlan:
+    """The pool plan of a run: sized from the cluster on Ray, one in-process model otherwise."""
+    return plan_pool() if Executor(executor) is Executor.RAY else local_plan()
+
+
+class Tasks(Protocol):
+    """Helper tasks of a job (factor accumulation, reductions) on Ray or in-process."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Start `fn(*args)`; returns a handle for `gather`."""
+        ...
+
+    def gather(self, handles: Sequence[Any]) -> list[tuple[Any, str]]:
+        """(result, node id that ran it) of every handle, in order."""
+        ...
+
+    def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        """`[fn(item) for item in items]`, in parallel where possible."""
+        ...
+
+
+class LocalTasks:
+    """Runs each task at once, in this process."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def gather(self, handles: Sequence[Any]) -> list[tuple[Any, str]]:
+        return [(h, "local") for h in handles]
+
+    def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return [fn(item) for item in items]
+
+
+def tasks(executor: Executor | str) -> Tasks:
+    if Executor(executor) is Executor.LOCAL:
+        return LocalTasks()
+    from pipeline.stages.ray_adapter import RayTasks
+
+    return RayTasks()
+
+
 def run_stages(
-    executor: str,
+    executor: Executor | str,
     shards: Any,
     stages: Any,
     sink: Any,
@@ -143,12 +213,10 @@ def run_stages(
     from pipeline.stages.read import ReadStage
 
     read = ReadStage(num_cpus=read_cpus)
-    if executor == "local":
+    if Executor(executor) is Executor.LOCAL:
         from pipeline.stages.local import run_local
 
         return run_local(shards, stages, sink, read=read)
-    if executor != "ray":
-        raise ValueError(f"unknown executor {executor!r}; expected 'ray' or 'local'")
     from pipeline.stages.ray_adapter import run_ray
 
     return run_ray(shards, stages, sink, pool_size=pool_size, read=read)

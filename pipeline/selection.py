@@ -1,25 +1,47 @@
-"""Choosing what humans label next: targeted candidates from the pool, then a greedy EPIG/BALD batch.
+"""Choosing what humans label next: targeted candidates from the pool, then a batch by an acquisition score.
 
 Reads the Parquet written by `bayescurate embed` (with `--activations`), narrows the pool to the nearest
-neighbours of the target set (MATH.md §7, expected cosine or 2-Wasserstein over faiss), and picks a batch
-with `select_batch`, which conditions the image posterior on each pick before re-scoring, so no labels
-are needed until the annotators return.
+neighbours of the target set (MATH.md §7, expected cosine or 2-Wasserstein over faiss), and picks a batch.
+EPIG and BALD use `select_batch`, which conditions the image posterior on each pick before re-scoring, so
+no labels are needed until the annotators return; entropy, random and the published code's EPIG with
+independent per-logit noise are there as baselines.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.bayes.acquisition import Method, select_batch
+from pipeline.bayes.acquisition import Method, epig, select_batch
 from pipeline.bayes.head import BayesHead
+from pipeline.bayes.metrics import entropy
 from pipeline.bayes.neighbours import Metric, candidates
-from pipeline.io import storage
+from pipeline.io import storage, vectors
+
+VECTOR_COLUMNS = ("mean", "var", "acts")
+
+
+class Acquisition(str, Enum):
+    """How a batch is chosen from the (targeted) candidates."""
+
+    EPIG = "epig"
+    """Expected predictive information gain about the targets, joint posterior draws, greedy (MATH §7)."""
+    BALD = "bald"
+    """Mutual information between a point's label and the parameters, greedy with conditioning."""
+    ENTROPY = "entropy"
+    """The highest predictive entropy (probit), no conditioning: the classic uncertainty baseline."""
+    RANDOM = "random"
+    """Uniformly at random (seeded) among the candidates: the baseline every method must beat."""
+    EPIG_INDEPENDENT = "epig-independent"
+    """EPIG from independent noise per logit, as the published BayesVLM code draws it; kept only for
+    comparison: pool and target draws are unrelated, so it collapses towards Monte Carlo noise."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +52,8 @@ class EmbeddingSet:
     mean: Tensor  # [N, D]
     var: Tensor  # [N, D]
     acts: Tensor  # [N, d']
-    columns: dict[str, list]  # the other scalar columns (caption, labels, ...)
+    columns: dict[str, list]  # the other scalar columns (source, caption, labels, ...)
+    meta: dict[str, Any] = field(default_factory=dict)  # the `bayescurate` metadata of the files
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -43,13 +66,17 @@ class EmbeddingSet:
             self.var[index],
             self.acts[index],
             {k: [v[i] for i in rows] for k, v in self.columns.items()},
+            self.meta,
         )
 
+    def with_embeddings(self, mean: Tensor, var: Tensor) -> EmbeddingSet:
+        """The same rows with re-scored Gaussian embeddings (a new posterior, no encoder pass)."""
+        return EmbeddingSet(self.sample_ids, mean, var, self.acts, self.columns, self.meta)
 
-def _matrix(table: pa.Table, name: str) -> Tensor:
-    column = table.column(name).combine_chunks()
-    width = table.schema.field(name).type.list_size
-    return torch.from_numpy(np.asarray(column.flatten()).reshape(-1, width).astype(np.float64))
+
+def file_meta(table: pa.Table) -> dict[str, Any]:
+    raw = (table.schema.metadata or {}).get(b"bayescurate")
+    return json.loads(raw) if raw else {}
 
 
 def read_embeddings(uri: str) -> EmbeddingSet:
@@ -57,29 +84,38 @@ def read_embeddings(uri: str) -> EmbeddingSet:
     files = [f for f in storage.list_files(uri, suffix=".parquet") if "/quarantine/" not in f]
     if not files:
         raise FileNotFoundError(f"no embedding Parquet files under {uri!r}")
-    tables = []
+    tables, meta = [], None
     for path in files:
         fs, p = storage.resolve(path)
         table = pq.read_table(p, filesystem=fs)
-        for needed in ("mean", "var", "acts"):
+        for needed in VECTOR_COLUMNS:
             if needed not in table.column_names:
                 hint = " (embed with --activations)" if needed == "acts" else ""
                 raise ValueError(f"{path!r} has no {needed!r} column{hint}")
+        this = file_meta(table)
+        if meta is None:
+            meta = this
+        elif this.get("posterior_id") != meta.get("posterior_id"):
+            raise ValueError(
+                f"{uri!r} mixes embeddings of posteriors {meta.get('posterior_id')} and "
+                f"{this.get('posterior_id')} ({path!r}): re-embed into a fresh directory"
+            )
         tables.append(table)
     table = pa.concat_tables(tables, promote_options="default")
     scalar = [
         f.name
         for f in table.schema
-        if f.name not in ("sample_id", "mean", "var", "acts")
+        if f.name not in ("sample_id", *VECTOR_COLUMNS)
         and not pa.types.is_list(f.type)
         and not pa.types.is_fixed_size_list(f.type)
     ]
     return EmbeddingSet(
         table.column("sample_id").to_pylist(),
-        _matrix(table, "mean"),
-        _matrix(table, "var"),
-        _matrix(table, "acts"),
+        vectors.tensor(table, "mean"),
+        vectors.tensor(table, "var"),
+        vectors.tensor(table, "acts"),
         {name: table.column(name).to_pylist() for name in scalar},
+        meta or {},
     )
 
 
@@ -87,7 +123,8 @@ def offsets(head: BayesHead, rows: EmbeddingSet, atol: float = 1e-6) -> Tensor |
     """The per-row constant of the image embedding that the projection does not explain, or None.
 
     `mean = acts @ Wᵀ + offset`: zero for CLIP, the attention-pool residual for SigLIP (see the adapter).
-    Recovering it from the stored mean keeps the embeddings files free of a third [N, D] column.
+    Recovering it from the stored mean keeps the embeddings files free of a third [N, D] column; `head`
+    must use the projection the rows were embedded with.
     """
     offset = rows.mean - head.image.mean(rows.acts)  # [N, D]
     scale = rows.mean.abs().max().clamp_min(1.0)
@@ -100,10 +137,15 @@ class Pick:
 
     sample_id: str
     rank: int  # 0 = picked first
-    score: float  # acquisition score when picked (EPIG or BALD, nats)
+    score: float  # acquisition score when picked (EPIG, BALD or entropy in nats; 0 for random)
     predicted: str  # Bayesian (probit) prediction
     confidence: float  # its probability
     entropy: float  # predictive entropy (nats)
+
+
+def _top(scores: Tensor, budget: int) -> tuple[list[int], list[float]]:
+    order = torch.argsort(scores, descending=True, stable=True)[:budget]
+    return order.tolist(), [float(scores[i]) for i in order]
 
 
 def choose(
@@ -114,63 +156,84 @@ def choose(
     budget: int,
     *,
     targets: EmbeddingSet | None = None,
-    method: Method | str = Method.EPIG,
+    method: Acquisition | Method | str = Acquisition.EPIG,
     neighbours: int = 20,
     metric: Metric | str = Metric.WASSERSTEIN,
     max_targets: int = 256,
     draws: int = 64,
     seed: int = 0,
     text_offset: Tensor | None = None,
+    pool_offsets: Tensor | None = None,
+    target_offsets: Tensor | None = None,
 ) -> tuple[list[Pick], int]:
     """Pick `budget` pool rows for labelling; returns the picks and the number of candidates scored.
 
     With `targets`, the pool is first narrowed to each target's `neighbours` nearest pool points and EPIG
     measures information about predictions on (at most `max_targets` of) the targets; without, EPIG uses
-    the candidates themselves as the target distribution.
+    the candidates themselves as the target distribution. Offsets default to what `offsets` recovers
+    from the stored means; a caller that re-scored the rows under another projection passes them.
     """
+    method = Acquisition(getattr(method, "value", method))
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")
     if len(pool) == 0:
         raise ValueError("the pool is empty")
     gen = torch.Generator().manual_seed(seed)
+    if pool_offsets is None:
+        pool_offsets = offsets(head, pool)
+    if targets is not None and len(targets) > 0 and target_offsets is None:
+        target_offsets = offsets(head, targets)
     target_acts = None
     if targets is not None and len(targets) > 0:
         k = min(neighbours, len(pool))
         index = candidates(pool.mean, pool.var, targets.mean, targets.var, k, metric=metric)
         pool = pool.take(index)
+        pool_offsets = None if pool_offsets is None else pool_offsets[index]
         if len(targets) > max_targets:
-            targets = targets.take(torch.randperm(len(targets), generator=gen)[:max_targets].sort().values)
+            keep = torch.randperm(len(targets), generator=gen)[:max_targets].sort().values
+            targets = targets.take(keep)
+            target_offsets = None if target_offsets is None else target_offsets[keep]
         target_acts = targets.acts
     budget = min(budget, len(pool))
-    pool_offsets = offsets(head, pool)
-    target_offsets = None if target_acts is None else offsets(head, targets)
-    selection = select_batch(
-        head,
-        pool.acts,
-        text_acts,
-        budget,
-        method=method,
-        target_acts=target_acts,
-        k=draws,
-        generator=gen,
-        pool_offsets=pool_offsets,
-        text_offset=text_offset,
-        target_offsets=target_offsets,
-    )
-    chosen = torch.tensor(selection.indices, dtype=torch.long)
-    logits = head.logits(
-        pool.acts[chosen],
-        text_acts,
-        image_offset=None if pool_offsets is None else pool_offsets[chosen],
-        text_offset=text_offset,
-    )
-    probs = logits.probit()  # [budget, C]
-    confidence, predicted = probs.max(dim=1)
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=1)
+    logits = head.logits(pool.acts, text_acts, image_offset=pool_offsets, text_offset=text_offset)
+    probs = logits.probit()  # [Np, C]
+    if method in (Acquisition.EPIG, Acquisition.BALD):
+        selection = select_batch(
+            head,
+            pool.acts,
+            text_acts,
+            budget,
+            method=Method(method.value),
+            target_acts=target_acts,
+            k=draws,
+            generator=gen,
+            pool_offsets=pool_offsets,
+            text_offset=text_offset,
+            target_offsets=target_offsets,
+        )
+        indices, scores = selection.indices, selection.scores
+    elif method is Acquisition.ENTROPY:
+        indices, scores = _top(entropy(probs), budget)
+    elif method is Acquisition.RANDOM:
+        indices = torch.randperm(len(pool), generator=gen)[:budget].tolist()
+        scores = [0.0] * len(indices)
+    else:  # the published code's EPIG: independent per-logit noise for the pool and the targets
+        if target_acts is None:
+            target_logits = logits
+        else:
+            target_logits = head.logits(
+                target_acts, text_acts, image_offset=target_offsets, text_offset=text_offset
+            )
+        indices, scores = _top(
+            epig(logits.sample_probs(draws, gen), target_logits.sample_probs(draws, gen)), budget
+        )
+    chosen = torch.tensor(indices, dtype=torch.long)
+    confidence, predicted = probs[chosen].max(dim=1)
+    uncertainty = entropy(probs[chosen])
     picks = [
         Pick(pool.sample_ids[i], rank, score, classes[int(c)], float(p), float(h))
         for rank, (i, score, c, p, h) in enumerate(
-            zip(selection.indices, selection.scores, predicted, confidence, entropy, strict=True)
+            zip(indices, scores, predicted, confidence, uncertainty, strict=True)
         )
     ]
     return picks, len(pool)

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
 from jobs import cli
@@ -17,9 +16,7 @@ MANIFESTS = sorted([*INFRA.glob("k8s/*.yaml"), *INFRA.glob("ray/*.yaml")])
 
 
 def _options(command: str) -> set[str]:
-    app = typer.Typer()
-    app.command()(importlib.import_module(cli.COMMANDS[command][0]).command)
-    return {opt for param in typer.main.get_command(app).params for opt in param.opts}
+    return importlib.import_module(cli.COMMANDS[command][0]).main.option_names()
 
 
 def bayescurate_calls(text: str) -> list[tuple[str, set[str]]]:

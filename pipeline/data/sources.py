@@ -20,7 +20,6 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.data.formats import CorpusFormat
 from pipeline.io import storage
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -50,23 +50,12 @@ ROW_SCHEMA = pa.schema(
 DEFAULT_ROWS_PER_SHARD = 1024
 
 
-class SourceFormat(str, Enum):
-    """How a corpus is stored."""
-
-    PARQUET = "parquet"
-    """Parquet files with image bytes (or paths/URIs) and an optional caption column."""
-    FOLDER = "folder"
-    """A folder of image files, with captions in `captions.jsonl`/`captions.csv` or `<stem>.txt` sidecars."""
-    WEBDATASET = "webdataset"
-    """Tar files whose members `<key>.<ext>` group into samples (`png`/`jpg`, `txt`, `json`, `cls`)."""
-
-
 @dataclass(frozen=True)
 class Shard:
     """A deterministic slice of the input: the unit that is processed, written and skipped as a whole."""
 
     shard_id: str  # filesystem-safe, stable across runs: "<file index>-<first row>"
-    format: str  # SourceFormat value
+    format: str  # CorpusFormat value
     path: str  # the Parquet/tar file, or the folder root
     start: int  # first row (Parquet row, sorted file index, sorted tar key index)
     stop: int  # one past the last row
@@ -89,30 +78,30 @@ def content_id(data: bytes) -> str:
     return "sha256-" + hashlib.sha256(data).hexdigest()[:32]
 
 
-def detect_format(uri: str) -> SourceFormat:
+def detect_format(uri: str) -> CorpusFormat:
     """Guess the format of `uri` from its files: Parquet files, tar files, else a folder of images."""
     files = storage.list_files(uri)
     if not files:
         raise ValueError(f"input {uri!r} holds no files")
     if any(f.endswith(".parquet") for f in files):
-        return SourceFormat.PARQUET
+        return CorpusFormat.PARQUET
     if any(f.endswith(".tar") for f in files):
-        return SourceFormat.WEBDATASET
+        return CorpusFormat.WEBDATASET
     if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-        return SourceFormat.FOLDER
+        return CorpusFormat.FOLDER
     raise ValueError(f"input {uri!r} holds no Parquet, tar or image files")
 
 
 def plan_shards(
-    uri: str, fmt: SourceFormat | str | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    uri: str, fmt: CorpusFormat | str | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
 ) -> list[Shard]:
     """The deterministic shard list of a corpus (sorted by shard id)."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    fmt = SourceFormat(fmt) if fmt is not None else detect_format(uri)
-    if fmt is SourceFormat.PARQUET:
+    fmt = CorpusFormat(fmt) if fmt is not None else detect_format(uri)
+    if fmt is CorpusFormat.PARQUET:
         shards = _plan_parquet(uri, rows_per_shard)
-    elif fmt is SourceFormat.FOLDER:
+    elif fmt is CorpusFormat.FOLDER:
         shards = _plan_folder(uri, rows_per_shard)
     else:
         shards = _plan_webdataset(uri, rows_per_shard)
@@ -134,7 +123,7 @@ def _plan_parquet(uri: str, rows_per_shard: int) -> list[Shard]:
         rows = pq.ParquetFile(p, filesystem=fs).metadata.num_rows
         root = path.rsplit("/", 1)[0]
         for start, stop in _ranges(rows, rows_per_shard):
-            shards.append(Shard(f"{i:05d}-{start:09d}", SourceFormat.PARQUET.value, path, start, stop, root))
+            shards.append(Shard(f"{i:05d}-{start:09d}", CorpusFormat.PARQUET.value, path, start, stop, root))
     return shards
 
 
@@ -148,7 +137,7 @@ def _plan_folder(uri: str, rows_per_shard: int) -> list[Shard]:
     _, root = storage.resolve(uri)
     n = len(_folder_images(uri))
     return [
-        Shard(f"00000-{start:09d}", SourceFormat.FOLDER.value, root, start, stop, root)
+        Shard(f"00000-{start:09d}", CorpusFormat.FOLDER.value, root, start, stop, root)
         for start, stop in _ranges(n, rows_per_shard)
     ]
 
@@ -176,16 +165,16 @@ def _plan_webdataset(uri: str, rows_per_shard: int) -> list[Shard]:
     for i, path in enumerate(storage.list_files(uri, suffix=".tar")):
         n = len(_tar_samples(path))
         for start, stop in _ranges(n, rows_per_shard):
-            shards.append(Shard(f"{i:05d}-{start:09d}", SourceFormat.WEBDATASET.value, path, start, stop))
+            shards.append(Shard(f"{i:05d}-{start:09d}", CorpusFormat.WEBDATASET.value, path, start, stop))
     return shards
 
 
 def read_shard(shard: Shard) -> pa.Table:
     """All rows of one shard as a table with `ROW_SCHEMA` columns first, then label columns (strings)."""
-    fmt = SourceFormat(shard.format)
-    if fmt is SourceFormat.PARQUET:
+    fmt = CorpusFormat(shard.format)
+    if fmt is CorpusFormat.PARQUET:
         rows = _read_parquet(shard)
-    elif fmt is SourceFormat.FOLDER:
+    elif fmt is CorpusFormat.FOLDER:
         rows = _read_folder(shard)
     else:
         rows = _read_webdataset(shard)
@@ -374,3 +363,72 @@ def os_path(uri: str) -> str:
     """Local path of a URI (for tools that need one); `uri` unchanged for remote filesystems."""
     fs, path = storage.resolve(uri)
     return path if isinstance(fs, pafs.LocalFileSystem) else os.fspath(uri)
+
+
+def _parquet_images(path: str, rows: set[int]) -> dict[int, bytes | None]:
+    """Image bytes of the given row indices of one Parquet file, reading only their row groups."""
+    fs, p = storage.resolve(path)
+    pf = pq.ParquetFile(p, filesystem=fs)
+    names = pf.schema_arrow.names
+    img_col, path_col = _first(IMAGE_COLUMNS, names), _first(PATH_COLUMNS, names)
+    root = path.rstrip("/").rsplit("/", 1)[0]
+    found: dict[int, bytes | None] = {}
+    offset = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        wanted = sorted(r - offset for r in rows if offset <= r < offset + n)
+        offset += n
+        if not wanted:
+            continue
+        table = pf.read_row_group(g, columns=[c for c in (img_col, path_col) if c]).take(wanted)
+        for local, row in zip(wanted, table.to_pylist(), strict=True):
+            image = row.get(img_col) if img_col else None
+            if isinstance(image, dict):  # Hugging Face `Image` feature: struct<bytes, path>
+                image = image.get("bytes") or (
+                    _read_uri(image_path_of(image), root)[0] if image_path_of(image) else None
+                )
+            if image is None and path_col and row.get(path_col):
+                image = _read_uri(str(row[path_col]), root)[0]
+            found[local + offset - n] = image
+    return found
+
+
+def read_images(sources: list[str]) -> dict[str, bytes]:
+    """Image bytes at row locations as `embed` records them (its `source` column), reading only those rows.
+
+    `file.parquet#ROW[:path]` (a Parquet row), `shard.tar:KEY` (a WebDataset sample) or a file path/URI.
+    Raises ValueError naming the first location whose image cannot be read.
+    """
+    out: dict[str, bytes] = {}
+    parquet: dict[str, dict[int, str]] = {}
+    tars: dict[str, dict[str, str]] = {}
+    for source in dict.fromkeys(sources):
+        if "#" in source:
+            path, _, rest = source.rpartition("#")
+            parquet.setdefault(path, {})[int(rest.partition(":")[0])] = source
+        elif ".tar:" in source:
+            path, _, key = source.partition(".tar:")
+            tars.setdefault(path + ".tar", {})[key] = source
+        else:
+            image, error = _read_uri(source, "")
+            if image is None:
+                raise ValueError(f"cannot read the image at {source!r}: {error}")
+            out[source] = image
+    for path, rows in parquet.items():
+        images = _parquet_images(path, set(rows))
+        for row, source in rows.items():
+            if not images.get(row):
+                raise ValueError(f"no image bytes at {source!r}")
+            out[source] = images[row]  # type: ignore[assignment]
+    for path, keys in tars.items():
+        samples = _tar_samples(path)
+        fs, p = storage.resolve(path)
+        with fs.open_input_file(p) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for key, source in keys.items():
+                members = samples.get(key, {})
+                ext = next((e for e in members if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+                handle = tar.extractfile(members[ext]) if ext else None
+                if handle is None:
+                    raise ValueError(f"no image member for {source!r}")
+                out[source] = handle.read()
+    return out

@@ -11,23 +11,12 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from itertools import islice
 
 import pyarrow as pa
 
+from pipeline.data.formats import CorpusFormat
 from pipeline.io import storage
-
-
-class CorpusFormat(str, Enum):
-    """Output layout of a corpus."""
-
-    PARQUET = "parquet"
-    """`part-<i>.parquet` with sample_id, image (bytes), caption and one string column per label."""
-    FOLDER = "folder"
-    """`images/<sample_id>.<ext>` plus `captions.jsonl` (file, sample_id, caption, labels)."""
-    WEBDATASET = "webdataset"
-    """`shard-<i>.tar` with `<key>.<ext>`, `<key>.txt` and `<key>.json` (sample_id + labels) per sample."""
 
 
 @dataclass(frozen=True)

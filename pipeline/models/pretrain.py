@@ -53,10 +53,10 @@ class PretrainConfig(Config):
     steps: int = 250  # optimiser steps
     batch_size: int = 128  # image-caption pairs per step
     lr: float = 2e-3  # peak AdamW learning rate (linear warmup, cosine decay)
-    warmup_steps: int = 25
-    weight_decay: float = 0.05
+    warmup_steps: int = 25  # linear warmup steps
+    weight_decay: float = 0.05  # AdamW weight decay
     seed: int = 0  # torch init seed; the data come from the synthetic world of `data_seed`
-    data_seed: int = 1000
+    data_seed: int = 1000  # seed of the synthetic training stream
     eval_seed: int = 2000  # a world disjoint from the training stream
     eval_n: int = 1000  # images per zero-shot evaluation set
     threads: int = 2  # torch CPU threads

@@ -100,11 +100,27 @@ def run_ray(
     return nodes
 
 
-def remote(fn: Callable[..., Any], *, num_cpus: float = 0.25, max_retries: int = 3) -> Any:
-    """`ray.remote(fn)` with retries (also on exceptions): for retry-safe helper tasks (factor sums)."""
-    return ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
-
-
 def call_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     """`(fn(*args), id of the node that ran it)`: the body of helper tasks whose placement is reported."""
     return fn(*args), ray.get_runtime_context().get_node_id()
+
+
+class RayTasks:
+    """Helper tasks as Ray tasks with retries (also on exceptions): they must be retry-safe.
+
+    The `runtime.Tasks` protocol; `runtime.tasks("ray")` makes one.
+    """
+
+    def __init__(self, *, num_cpus: float = 0.25, max_retries: int = 3) -> None:
+        self._task = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(
+            call_on_node
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._task.remote(fn, *args)
+
+    def gather(self, handles: Sequence[Any]) -> list[tuple[Any, str]]:
+        return list(ray.get(list(handles)))
+
+    def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return [result for result, _ in self.gather([self.submit(fn, item) for item in items])]

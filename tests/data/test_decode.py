@@ -13,7 +13,7 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-from jobs.make_world import huge_png
+from pipeline.flows.world import huge_png
 from pipeline.data.decode import Limits, decode_batch, split_preprocess
 from pipeline.data.quarantine import Reason
 

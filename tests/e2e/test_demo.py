@@ -42,8 +42,10 @@ def test_demo_round_reaches_label_studio_and_mlflow_and_reruns_idempotently(
     task = label_studio_client.sdk.tasks.get(id=ids[selection[0]["sample_id"]])
     assert task.data["predicted"] == selection[0]["predicted"] and task.data["predicted"] in classes
     assert task.data["epig"] == pytest.approx(selection[0]["score"])
-    assert task.data["image"].startswith("data:image/")
-    assert [p.model_version for p in task.predictions] == ["round-0"]
+    # Images by reference (staged under Label Studio's local-files root), not inlined into its database.
+    assert task.data["image"].startswith("/data/local-files/?d=")
+    posterior_id = json.loads((out / "posterior" / "posterior.json").read_text())["posterior_id"]
+    assert [p.model_version for p in task.predictions] == [posterior_id]
     # Targeted selection draws from the candidates near the (blurred) targets.
     report = json.loads((out / "selection" / "selection.json").read_text())
     assert report["targets"] == 200 and BUDGET <= report["candidates"] <= report["pool"]

@@ -14,6 +14,8 @@ import pytest
 
 from jobs import embed, fit_posterior, make_world, zeroshot
 from pipeline.artifacts.posterior import load_posterior, read_info
+from pipeline.flows.embed import EmbedConfig
+from pipeline.flows.embed import embed as run_embed
 from pipeline.io import storage
 from tests.stages.standin import StandInAdapter
 
@@ -172,13 +174,13 @@ def test_embed_trace_reports_actor_times_and_keeps_them_out_of_the_output(
     """The benchmark's timings (setup, forward, head) reach the trace and never the output files."""
     from pipeline.stages.base import trace
 
-    cfg = embed.load_config(
-        embed.EmbedConfig, None, images=str(world), out=str(tmp_path / "emb"), model=MODEL,
+    cfg = EmbedConfig(
+        images=str(world), out=str(tmp_path / "emb"), model=MODEL,
         variance=False, executor="local", rows_per_shard=100, batch_size=64,
     )  # fmt: skip
     with trace() as tr:
-        summary = embed.embed_corpus(cfg)
-    assert summary["embedded"] == len(expected_good(world, pairs=False))
+        summary = run_embed(cfg)
+    assert summary.embedded == len(expected_good(world, pairs=False))
     assert tr.stage_s["embed_setup"] > 0 and tr.stage_s["embed_forward"] > 0 and "embed_head" in tr.stage_s
     assert sum(rows for _, rows in tr.arrivals) == N
     for part in (tmp_path / "emb").glob("part-*.parquet"):

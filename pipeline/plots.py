@@ -1,0 +1,72 @@
+"""The figures users look at (in MLflow and the output folders), rendered to PNG bytes with matplotlib."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.bayes import metrics
+
+
+def _png(fig: object) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reliability_png(results: Mapping[str, torch.Tensor], labels: torch.Tensor, n_bins: int) -> bytes:
+    """One reliability diagram per predictive (name -> probabilities [N, C]) against `labels` [N]."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), squeeze=False)
+    for ax, (name, probs) in zip(axes[0], results.items(), strict=True):
+        rel = metrics.reliability(probs, labels, n_bins)
+        centers = ((rel.bin_edges[1:] + rel.bin_edges[:-1]) / 2).numpy()
+        acc = np.nan_to_num(rel.accuracy.numpy())
+        ax.bar(centers, acc, width=1.0 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ece = metrics.ece(probs, labels, n_bins)
+        ax.set(title=f"{name}: ECE {ece:.3f} ({n_bins} bins)", xlabel="confidence", ylabel="accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def curves_png(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> bytes:
+    """Lines `series[name]` over `x` (optionally with a shaded (low, high) band per line)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, ys in series.items():
+        (line,) = ax.plot(list(x)[: len(ys)], list(ys), marker="o", label=name)
+        if bands and name in bands:
+            low, high = bands[name]
+            ax.fill_between(list(x)[: len(low)], list(low), list(high), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
