@@ -1,18 +1,23 @@
-"""A small typed client over label-studio-sdk for curation rounds: projects, tasks, predictions, labels.
+"""A small typed client over label-studio-sdk for annotation rounds: projects, tasks, webhooks, answers.
 
-Tasks carry our own `sample_id` and round number in their data; Label Studio itself dedupes nothing, so every
-import first lists the sample ids already in the project and sends only the new ones (re-running a round adds
-no task). Connection errors and 5xx answers are retried with exponential backoff; 401/403/404 raise at once
-with a message that names the server and the project, never the token.
+Tasks carry our own `sample_id` and round number in their data. Label Studio dedupes nothing, so an import
+lists the sample ids already in the project and sends only the new ones, then re-lists and deletes the
+duplicates that a concurrent importer may have created (keeping the lowest task id, never an annotated task).
+Every request is retried on connection errors and 5xx with exponential backoff for `retry_for` seconds;
+401/403/404 raise at once; errors name the server and the project, never the token.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import math
+import numbers
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,13 +30,27 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.data_manager import Column, Filters, Operator, Type
 
+from pipeline.io import storage
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FROM_NAME = "label"  # the <Choices> control of the generated config
 TO_NAME = "image"  # the <Image> object; task data key holding the image reference
-RESERVED_KEYS = frozenset({"image", "sample_id", "round", "predicted", "score"})
+RESERVED_KEYS = frozenset({"image", "sample_id", "round", "predicted", "score"})  # set by TaskInput itself
 MAX_TITLE = 50  # Label Studio's limit on project titles
+SCORE_DIGITS = 4  # significant digits of the scores shown to (and sorted by) annotators
+PAGE_SIZE = 500  # tasks per listing page
+IMPORT_BATCH = 1000  # tasks per import request
+ID_BATCH = 300  # task ids per request that selects tasks by id (keeps URLs short)
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"})
+WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # data keys usable as Data Manager columns
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Task fields an annotation listing does not need (predictions and drafts can outweigh the answers).
+_HEAVY_FIELDS = (
+    "predictions,drafts,annotations_results,predictions_results,comment_authors,file_upload,updated_by"
+)
 
 
 class LabelStudioError(RuntimeError):
@@ -59,31 +78,55 @@ class Prediction:
 
     label: str  # predicted class, one of the project's classes
     score: float  # confidence of the prediction, e.g. max class probability
-    model_version: str | None = None  # defaults to "round-<round>" so each round's predictions are told apart
+    model_version: str | None = None  # e.g. the posterior id; defaults to "round-<round>"
 
 
 @dataclass(frozen=True)
 class TaskInput:
-    """One sample to be labelled in a round."""
+    """One sample to be labelled in a round, with the numbers annotators sort by in the Data Manager."""
 
     sample_id: str  # our id, unique within the project; the dedupe key
-    image: str  # local-files URL, data URI or http(s) URL: see `local_files_url` and `inline_image`
-    round: int
-    prediction: Prediction | None = None
-    uncertainty: Mapping[str, float] = field(default_factory=dict)  # e.g. {"epig": 0.3}: sortable columns
+    image: str  # local-files URL (`stage_image` + `local_files_url`), data URI or http(s) URL
+    round: int  # the annotation round that picked the sample
+    prediction: Prediction | None = None  # pre-annotation; its label becomes the `predicted` column
+    # Acquisition scores, e.g. {"epig": .., "entropy": ..}: sortable numeric columns.
+    uncertainty: Mapping[str, float] = field(default_factory=dict)
     extra: Mapping[str, str | int | float] = field(default_factory=dict)  # more task data (caption, source)
+    # The three below may also come in `uncertainty` / `extra` under the same names (not both ways).
+    confidence: float | None = None  # shown confidence; defaults to the prediction's score
+    rank: int | None = None  # position in the round's pick list (1 = most informative)
+    mlflow_run: str | None = None  # URL of the MLflow run that picked the sample
 
     def to_task(self) -> dict[str, Any]:
-        data: dict[str, Any] = {TO_NAME: self.image, "sample_id": self.sample_id, "round": int(self.round)}
-        for key, value in {**self.extra, **self.uncertainty}.items():
-            if key in RESERVED_KEYS:
-                raise ValueError(f"task field {key!r} of sample {self.sample_id!r} is reserved")
+        """The import payload. Scores stay JSON numbers, rounded for people: the Data Manager then sorts them
+        numerically (strings sort as text: "10.5" < "9.25")."""
+        sid = self.sample_id
+        data: dict[str, Any] = {
+            TO_NAME: self.image,
+            "sample_id": sid,
+            "round": _whole(self.round, "round", sid),
+        }
+        if self.mlflow_run is not None and not self.mlflow_run.startswith(("http://", "https://")):
+            raise ValueError(f"mlflow_run of sample {sid!r} is not an http(s) URL: {self.mlflow_run!r}")
+        fields = [
+            *((_data_key(k, sid, sortable=False), v) for k, v in self.extra.items()),
+            *((_data_key(k, sid), _rounded(v, k, sid)) for k, v in self.uncertainty.items()),
+            ("confidence", None if self.confidence is None else _rounded(self.confidence, "confidence", sid)),
+            ("rank", None if self.rank is None else _whole(self.rank, "rank", sid)),
+            ("mlflow_run", self.mlflow_run),
+        ]
+        for key, value in fields:
+            if value is None:
+                continue
+            if key in data:
+                raise ValueError(f"task field {key!r} of sample {sid!r} is given twice")
             data[key] = value
+        p = self.prediction
+        if "confidence" not in data and p is not None:
+            data["confidence"] = _rounded(p.score, "confidence", sid)
         task: dict[str, Any] = {"data": data}
-        if self.prediction is not None:
-            p = self.prediction
+        if p is not None:
             data["predicted"] = p.label
-            data["score"] = float(p.score)
             task["predictions"] = [
                 {
                     "model_version": p.model_version or f"round-{self.round}",
@@ -96,8 +139,33 @@ class TaskInput:
 
 @dataclass(frozen=True)
 class ImportResult:
-    created: dict[str, int]  # sample_id -> new task id
-    skipped: list[str]  # sample ids already in the project (or repeated in the input)
+    created: dict[str, int]  # sample_id -> task id of the tasks this call created (and kept)
+    skipped: list[
+        str
+    ]  # sample ids already in the project, repeated in the input, or won by a concurrent import
+    duplicates_removed: int = (
+        0  # duplicates deleted, as the server counts (racing deleters may both count one)
+    )
+
+
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """One annotation as Label Studio holds it now: a label, an empty answer, or a skip."""
+
+    sample_id: str
+    task_id: int
+    annotation_id: int
+    annotator: str  # email of the user who made it
+    label: str | None  # the chosen class; None when cancelled (skipped) or empty
+    cancelled: bool  # the annotator pressed Skip
+    created_at: datetime  # UTC
+    updated_at: datetime  # UTC; later than created_at once the annotation was edited
+    round: int | None  # the task's round (None for a task imported without one)
+    lead_time: float | None  # seconds the annotator spent on it, as the UI reports
+
+    @property
+    def edited(self) -> bool:
+        return self.updated_at > self.created_at
 
 
 @dataclass(frozen=True)
@@ -136,8 +204,35 @@ def local_files_url(path: Path | str, document_root: Path | str) -> str:
 
 
 def inline_image(data: bytes, mime: str = "image/png") -> str:
-    """A data URI: the task carries the image itself (fine for small thumbnails, no storage needed)."""
+    """A data URI: the task carries the image itself. Only for tiny thumbnails: every task listing carries
+    it too; use `stage_image` for anything larger."""
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_folder(image_root: Path | str, project_title: str) -> Path:
+    """The project's folder under the local-files document root: give it to `ensure_local_storage`, since
+    Label Studio serves only files below a project's local storage."""
+    return Path(image_root).absolute() / _safe_name(project_title)
+
+
+def stage_image(image_root: Path | str, project_title: str, sample_id: str, data: bytes, ext: str) -> Path:
+    """Write the image bytes to `image_folder(...)/<sample_id>.<ext>` atomically; returns the path.
+
+    Idempotent: the same bytes are not rewritten, so a re-run round costs no I/O; other bytes replace the
+    file atomically (an annotator never sees a half-written image). Sample ids are made file-name safe.
+    """
+    suffix = ext.lower().lstrip(".")
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(
+            f"image extension {ext!r} of sample {sample_id!r} is not one of {sorted(IMAGE_EXTENSIONS)}"
+        )
+    if not data:
+        raise ValueError(f"empty image for sample {sample_id!r}")
+    path = image_folder(image_root, project_title) / f"{_safe_name(sample_id)}.{suffix}"
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
+    storage.write_bytes(path, data)
+    return path
 
 
 class LabelStudioClient:
@@ -164,11 +259,16 @@ class LabelStudioClient:
         self.retry_for = retry_for
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self._sdk = LabelStudio(base_url=self.url, api_key=token, timeout=timeout)
+        self._sdk = self._new_sdk()
         self._users: dict[int, str] = {}
 
     def __repr__(self) -> str:  # never show the token
         return f"LabelStudioClient(url={self.url!r})"
+
+    def _new_sdk(self) -> LabelStudio:
+        """The SDK client with its hidden retries off, so that `retry_for` is the one retry policy and its
+        deadline holds (the SDK would retry connection errors and 5xx twice more, even of an import)."""
+        return LabelStudio(base_url=self.url, api_key=self._token, timeout=self._timeout, max_retries=0)
 
     @classmethod
     def from_services(cls, state_dir: Path | str | None = None, **kwargs: Any) -> LabelStudioClient:
@@ -229,31 +329,85 @@ class LabelStudioClient:
         """Local-files import storage over `folder` (under the document root) so its images render."""
         path = str(Path(folder).absolute())
         storages = self._call(
-            "list local storages", lambda: self._sdk.import_storage.local.list(project=project.id)
+            f"list the local storages of project {project.title!r}",
+            lambda: self._sdk.import_storage.local.list(project=project.id),
         )
-        for storage in storages:
-            if storage.path == path:
-                return int(storage.id)
+        for storage_ in storages:
+            if storage_.path == path:
+                return int(storage_.id)
         created = self._call(
-            f"add local storage {path!r}",
+            f"add local storage {path!r} to project {project.title!r}",
             lambda: self._sdk.import_storage.local.create(
                 project=project.id, path=path, use_blob_urls=True, title=Path(path).name[:50] or "images"
             ),
         )
         return int(created.id)
 
+    def ensure_view(
+        self,
+        project: Project,
+        title: str,
+        *,
+        order_by: str,
+        descending: bool = True,
+        number_columns: Sequence[str] = (),
+    ) -> int:
+        """A Data Manager tab titled `title` that orders the tasks by the data field `order_by`, as the UI's
+        column header does; returns its id (for `sample_ids(view=)` or the UI's `?tab=`).
+
+        `order_by` and `number_columns` are displayed as numbers (`columnsDisplayType`): only then does
+        Label Studio cast the field to a float when ordering on PostgreSQL (SQLite orders JSON numbers
+        numerically anyway). Idempotent: an existing tab keeps its filters and hidden columns.
+        """
+        names = [order_by, *(c for c in number_columns if c != order_by)]
+        for name in names:
+            if not _FIELD.match(name):
+                raise ValueError(f"{name!r} is not a task data field name (letters, digits, underscores)")
+        ordering = [f"{'-' if descending else ''}tasks:data.{order_by}"]
+        display = {f"tasks:data.{name}": "Number" for name in names}
+
+        def ensure() -> int:
+            views = self._request("GET", "api/dm/views/", params={"project": project.id})
+            mine = sorted(
+                (v for v in views if (v.get("data") or {}).get("title") == title), key=lambda v: v["id"]
+            )
+            if not mine:
+                data = {"title": title, "ordering": ordering, "columnsDisplayType": display}
+                return int(
+                    self._request("POST", "api/dm/views/", json={"project": project.id, "data": data})["id"]
+                )
+            view = mine[0]
+            data = dict(view.get("data") or {})
+            shown = {**(data.get("columnsDisplayType") or {}), **display}
+            if data.get("ordering") != ordering or data.get("columnsDisplayType") != shown:
+                data |= {"ordering": ordering, "columnsDisplayType": shown}
+                self._request(
+                    "PATCH", f"api/dm/views/{view['id']}/", json={"project": project.id, "data": data}
+                )
+            return int(view["id"])
+
+        return self._call(f"ensure view {title!r} of project {project.title!r}", ensure)
+
     # ------------------------------------------------------------------------------------------- tasks
 
     def task_ids(self, project: Project) -> dict[str, int]:
-        """sample_id -> task id for every task of the project."""
-        tasks = self._call(
-            f"list tasks of project {project.title!r}",
-            lambda: list(self._sdk.tasks.list(project=project.id, include="id,data", page_size=1000)),
-        )
-        return {str(t.data["sample_id"]): int(t.id) for t in tasks if t.data and "sample_id" in t.data}
+        """sample_id -> task id for every task of the project (the lowest id if a sample is duplicated)."""
+        return {sid: ids[0] for sid, ids in self._task_index(project).items()}
+
+    def sample_ids(self, project: Project, *, view: int | None = None) -> list[str]:
+        """The project's sample ids in the Data Manager's order: by task id, or as the tab `view` orders."""
+        what = f"list the tasks of project {project.title!r}" + (f" in view {view}" if view else "")
+        tasks = self._iter_tasks(project, what, include="id,data", view=view)
+        return [str(t["data"]["sample_id"]) for t in tasks if "sample_id" in (t.get("data") or {})]
 
     def import_tasks(self, project: Project, tasks: Iterable[TaskInput]) -> ImportResult:
-        """Import the tasks whose sample id the project does not hold yet, in one request."""
+        """Import the tasks whose sample id the project does not hold yet; safe against concurrent importers.
+
+        List, import the missing ones, re-list, then delete every duplicate of the input's sample ids but the
+        lowest task id. Concurrent importers all keep the same task (the lowest id), and whichever of two
+        racing imports lands last sees both and removes its own copy. A duplicate with annotations (or a
+        skip) is never deleted: the server checks that in the same request that deletes.
+        """
         unique: dict[str, TaskInput] = {}
         skipped: list[str] = []
         for task in tasks:
@@ -263,85 +417,305 @@ class LabelStudioClient:
                 skipped.append(task.sample_id)
             else:
                 unique[task.sample_id] = task
-        # Listing and importing are one retried unit: a retry after a lost answer re-reads what exists first.
+        payloads = {sid: t.to_task() for sid, t in unique.items()}  # validate everything before sending
+        index = self._task_index(project)
+        pending = [sid for sid in unique if sid not in index]
+        mine: dict[str, int] = {}
+        for start in range(0, len(pending), IMPORT_BATCH):
+            mine |= self._import_batch(project, pending[start : start + IMPORT_BATCH], payloads)
+        if mine:
+            index = self._task_index(project)
+        removed = 0
+        if any(len(index.get(sid, ())) > 1 for sid in unique):
+            removed = self._remove_duplicates(project, index, unique)
+            index = self._task_index(project)  # a racing importer may have deleted the same copies
+        kept = {sid: tid for sid, tid in mine.items() if index.get(sid, [None])[0] == tid}
+        still = sorted(sid for sid in unique if len(index.get(sid, ())) > 1)
+        if still:
+            log.warning(
+                "project %r at %s: %d samples keep duplicate tasks with annotations, e.g. %s",
+                project.title,
+                self.url,
+                len(still),
+                {sid: index[sid] for sid in still[:3]},
+            )
+        skipped += [sid for sid in unique if sid not in kept]
+        return ImportResult(created=kept, skipped=skipped, duplicates_removed=removed)
+
+    def _import_batch(
+        self, project: Project, sample_ids: Sequence[str], payloads: Mapping[str, dict[str, Any]]
+    ) -> dict[str, int]:
+        """One import request, retried as a unit with a re-list first: an import whose answer was lost has
+        created its tasks, so the retry sends only those still missing."""
+        what = f"import {len(sample_ids)} tasks into project {project.title!r}"
+        todo = list(sample_ids)
         attempt, deadline = 0, time.monotonic() + self.retry_for
-        while True:
-            existing = self.task_ids(project)
-            new = [t for sid, t in unique.items() if sid not in existing]
-            if not new:
-                return ImportResult(created={}, skipped=skipped + list(unique))
+        while todo:
             try:
                 response = self._sdk.projects.import_tasks(
-                    id=project.id, request=[t.to_task() for t in new], return_task_ids=True
+                    id=project.id, request=[payloads[sid] for sid in todo], return_task_ids=True
                 )
-                break
             except Exception as exc:
-                attempt = self._retry_or_raise(exc, f"import tasks into {project.title!r}", attempt, deadline)
-        ids = list(response.task_ids or [])
-        if len(ids) != len(new):
-            raise LabelStudioError(f"imported {len(new)} tasks but Label Studio returned {len(ids)} task ids")
-        created = {t.sample_id: int(i) for t, i in zip(new, ids, strict=True)}
-        skipped += [sid for sid in unique if sid not in created]
-        return ImportResult(created=created, skipped=skipped)
+                attempt = self._retry_or_raise(exc, what, attempt, deadline)
+                present = self._task_index(project)
+                todo = [sid for sid in todo if sid not in present]
+                continue
+            ids = [int(i) for i in response.task_ids or []]
+            if len(ids) != len(todo):
+                raise LabelStudioError(
+                    f"Label Studio at {self.url}: imported {len(todo)} tasks into project {project.title!r} "
+                    f"but it returned {len(ids)} task ids"
+                )
+            return dict(zip(todo, ids, strict=True))
+        return {}
 
-    # ------------------------------------------------------------------------------------------ labels
+    def _remove_duplicates(
+        self, project: Project, index: Mapping[str, Sequence[int]], sample_ids: Iterable[str]
+    ) -> int:
+        """Delete all but the lowest task id of each duplicated sample, unless annotated; returns how many."""
+        doomed = sorted(i for sid in sample_ids for i in index.get(sid, ())[1:])
+        unannotated = Filters.create(
+            Filters.AND,
+            [
+                Filters.item(Column.total_annotations, Operator.EQUAL, Type.Number, Filters.value(0)),
+                Filters.item(Column.cancelled_annotations, Operator.EQUAL, Type.Number, Filters.value(0)),
+            ],
+        )
+        removed = 0
+        for start in range(0, len(doomed), ID_BATCH):
+            chunk = doomed[start : start + ID_BATCH]
+            body = self._call(
+                f"delete {len(chunk)} duplicate tasks of project {project.title!r}",
+                lambda chunk=chunk: self._request(
+                    "POST",
+                    "api/dm/actions/",
+                    params={"id": "delete_tasks", "project": project.id},
+                    json={"selectedItems": {"all": False, "included": chunk}, "filters": unannotated},
+                ),
+            )
+            removed += int((body or {}).get("processed_items", 0))
+        if removed:
+            log.info("project %r at %s: removed %d duplicate tasks", project.title, self.url, removed)
+        return removed
+
+    def _task_index(self, project: Project) -> dict[str, list[int]]:
+        """sample_id -> ascending task ids (more than one only while duplicates exist)."""
+        index: dict[str, list[int]] = {}
+        for task in self._iter_tasks(
+            project, f"list the tasks of project {project.title!r}", include="id,data"
+        ):
+            data = task.get("data") or {}
+            if "sample_id" in data:
+                index.setdefault(str(data["sample_id"]), []).append(int(task["id"]))
+        return {sid: sorted(ids) for sid, ids in index.items()}
+
+    def _iter_tasks(
+        self,
+        project: Project,
+        what: str,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+        selected: Sequence[int] | None = None,
+        include: str | None = None,
+        omit: str | None = None,
+        fields: str | None = None,
+        view: int | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> Iterator[dict[str, Any]]:
+        """Tasks page by page, each page retried on its own: thousands of tasks never travel in one answer,
+        and an outage mid-listing does not start it over.
+
+        Pages are keyed by task id (`id > last seen`, in id order), not numbered, so tasks deleted or added
+        meanwhile (a concurrent importer removing its duplicates) shift nothing and none is missed. A `view`
+        has its own ordering and filters, so its pages are numbered. `filters` are AND-ed Data Manager
+        filter items, `selected` restricts to task ids; `include`/`omit` pick the task fields (`include`
+        also cuts nested annotations down to their ids, so listings that need annotations `omit` instead).
+        """
+        page, after = 1, 0
+        while True:
+            params: dict[str, Any] = {"project": project.id, "page_size": page_size, "resolve_uri": False}
+            params |= {k: v for k, v in (("include", include), ("omit", omit), ("fields", fields)) if v}
+            if view is not None:
+                params |= {"view": view, "page": page}
+            else:
+                keyset = Filters.item(Column.id, Operator.GREATER, Type.Number, Filters.value(after))
+                query: dict[str, Any] = {"filters": Filters.create(Filters.AND, [*filters, keyset])}
+                if selected is not None:
+                    query["selectedItems"] = {"all": False, "included": list(selected)}
+                params |= {"page": 1, "query": json.dumps(query)}
+            try:
+                body = self._call(
+                    f"{what} (page {page})",
+                    lambda params=params: self._request("GET", "api/tasks/", params=params),
+                )
+            except LabelStudioNotFound:
+                if page == 1:
+                    raise
+                return  # a view's tasks deleted since its first page: "Invalid page." ends the listing
+            tasks = body.get("tasks") or []
+            yield from tasks
+            if len(tasks) < page_size:
+                return
+            page, after = page + 1, max(int(t["id"]) for t in tasks)
+
+    # ------------------------------------------------------------------------------------- annotations
+
+    def annotations(
+        self, project: Project, *, round: int | None = None, task_ids: Iterable[int] | None = None
+    ) -> list[AnnotationRecord]:
+        """Every annotation of the selected tasks (all, one round's, or the given task ids): submitted, empty
+        and cancelled (skipped) ones, each as last saved, ordered by task and annotation id."""
+        what = f"list the annotations of project {project.title!r}"
+        base: list[dict[str, Any]] = []
+        if round is not None:
+            base.append(Filters.item(Column.data("round"), Operator.EQUAL, Type.Number, Filters.value(round)))
+        listings: list[tuple[list[dict[str, Any]], list[int] | None]] = []
+        if task_ids is not None:
+            ids = sorted({int(i) for i in task_ids})
+            listings += [(base, ids[i : i + ID_BATCH]) for i in range(0, len(ids), ID_BATCH)]
+        else:
+            # Only tasks with an answer leave the server (projects hold many unlabelled tasks); a skip is
+            # counted apart from the submitted answers, hence two listings.
+            for counter in (Column.total_annotations, Column.cancelled_annotations):
+                positive = Filters.item(counter, Operator.GREATER, Type.Number, Filters.value(0))
+                listings.append(([*base, positive], None))
+        records: dict[int, AnnotationRecord] = {}
+        for filters, selected in listings:
+            tasks = self._iter_tasks(
+                project, what, filters=filters, selected=selected, omit=_HEAVY_FIELDS, fields="all"
+            )
+            for task in tasks:
+                data = task.get("data") or {}
+                if "sample_id" not in data:
+                    continue  # not one of ours
+                for ann in task.get("annotations") or []:
+                    record = self._record(task, data, ann)
+                    records[record.annotation_id] = record
+        return sorted(records.values(), key=lambda r: (r.task_id, r.annotation_id))
 
     def labels(
         self, project: Project, *, since: datetime | None = None, round: int | None = None
     ) -> list[LabelRecord]:
-        """Submitted (not skipped) answers, optionally only those saved after `since` and/or of one round."""
-        # Only tasks with at least one answer leave the server: projects hold many unlabelled tasks.
-        items = [Filters.item(Column.total_annotations, Operator.GREATER, Type.Number, Filters.value(0))]
-        if since is not None:
-            since = _utc(since)
-            items.append(
-                Filters.item(Column.completed_at, Operator.GREATER, Type.Datetime, Filters.value(since))
+        """Submitted (not skipped, not empty) answers, optionally only those saved after `since` (an edit
+        counts as saved again) and/or of one round; ordered by save time."""
+        since = _utc(since) if since is not None else None
+        records = [
+            LabelRecord(
+                sample_id=r.sample_id,
+                label=r.label,
+                annotator=r.annotator,
+                time=r.updated_at,
+                round=r.round if r.round is not None else -1,
+                task_id=r.task_id,
+                annotation_id=r.annotation_id,
             )
-        if round is not None:
-            items.append(
-                Filters.item(Column.data("round"), Operator.EQUAL, Type.Number, Filters.value(round))
-            )
-        query = json.dumps({"filters": Filters.create(Filters.AND, items)})
-        tasks = self._call(
-            f"list annotated tasks of {project.title!r}",
-            lambda: list(self._sdk.tasks.list(project=project.id, fields="all", query=query, page_size=500)),
-        )
-        records: list[LabelRecord] = []
-        for task in tasks:
-            data = task.data or {}
-            if "sample_id" not in data:
-                continue
-            for ann in task.annotations or []:
-                ann = ann if isinstance(ann, dict) else ann.dict()
-                if ann.get("was_cancelled") or not ann.get("result"):
-                    continue
-                label = _label_of(ann["result"])
-                when = _parse_time(ann.get("updated_at") or ann.get("created_at"))
-                if label is None or (since is not None and when <= since):
-                    continue
-                records.append(
-                    LabelRecord(
-                        sample_id=str(data["sample_id"]),
-                        label=label,
-                        annotator=self._annotator(ann.get("completed_by")),
-                        time=when,
-                        round=int(data.get("round", -1)),
-                        task_id=int(task.id),
-                        annotation_id=int(ann["id"]),
-                    )
-                )
+            for r in self.annotations(project, round=round)
+            if r.label is not None and not r.cancelled and (since is None or r.updated_at > since)
+        ]
         return sorted(records, key=lambda r: (r.time, r.annotation_id))
+
+    def _record(
+        self, task: Mapping[str, Any], data: Mapping[str, Any], ann: Mapping[str, Any]
+    ) -> AnnotationRecord:
+        cancelled = bool(ann.get("was_cancelled"))
+        created = _parse_time(ann.get("created_at"))
+        lead_time = ann.get("lead_time")
+        return AnnotationRecord(
+            sample_id=str(data["sample_id"]),
+            task_id=int(task["id"]),
+            annotation_id=int(ann["id"]),
+            annotator=self._annotator(ann.get("completed_by")),
+            label=None if cancelled else _label_of(ann.get("result") or []),
+            cancelled=cancelled,
+            created_at=created,
+            updated_at=_parse_time(ann["updated_at"]) if ann.get("updated_at") else created,
+            round=int(data["round"]) if isinstance(data.get("round"), (int, float)) else None,
+            lead_time=float(lead_time) if isinstance(lead_time, (int, float)) else None,
+        )
 
     def _annotator(self, completed_by: Any) -> str:
         if isinstance(completed_by, dict):
             return str(completed_by.get("email") or completed_by.get("id"))
+        if completed_by is None:
+            return "unknown"
         user_id = int(completed_by)
-        if user_id not in self._users:
+        if user_id not in self._users:  # a user who signed up since the last look
             users = self._call("list users", lambda: list(self._sdk.users.list()))
             self._users = {int(u.id): str(u.email or u.username) for u in users}
         return self._users.get(user_id, str(user_id))
 
+    # ---------------------------------------------------------------------------------------- webhooks
+
+    def ensure_webhook(
+        self,
+        project: Project,
+        url: str,
+        *,
+        actions: Sequence[str] = WEBHOOK_ACTIONS,
+        headers: Mapping[str, str] | None = None,
+    ) -> int:
+        """The project's webhook to `url` for `actions`, sending `headers` (e.g. a shared secret); returns its
+        id. Idempotent: an existing one is updated in place, extra copies (a lost answer, a concurrent caller)
+        are deleted, keeping the lowest id. Label Studio posts synchronously, with a 1 s timeout."""
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook URL for project {project.title!r} is not http(s): {url!r}")
+        if not actions:
+            raise ValueError(f"no webhook actions for project {project.title!r}")
+        wanted = {
+            "url": url,
+            "actions": sorted(set(actions)),
+            "headers": dict(headers or {}),
+            "send_payload": True,
+            "send_for_all_actions": False,
+            "is_active": True,
+        }
+
+        def ensure() -> int:
+            hooks = self._request("GET", "api/webhooks/", params={"project": project.id})
+            same = sorted(
+                (h for h in hooks if h.get("project") == project.id and h.get("url") == url),
+                key=lambda h: h["id"],
+            )
+            if not same:
+                return int(
+                    self._request("POST", "api/webhooks/", json={**wanted, "project": project.id})["id"]
+                )
+            keep, *extra = same
+            for hook in extra:
+                self._request("DELETE", f"api/webhooks/{hook['id']}/", missing_ok=True)
+            current = {key: keep.get(key) for key in wanted}
+            current["actions"] = sorted(keep.get("actions") or [])
+            if current != wanted:
+                self._request("PATCH", f"api/webhooks/{keep['id']}/", json=wanted)
+            return int(keep["id"])
+
+        return self._call(f"ensure the webhook of project {project.title!r}", ensure)
+
     # ------------------------------------------------------------------------------------------ errors
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One raw JSON request through the SDK's authenticated HTTP client (so legacy and JWT tokens both
+        work), for endpoints whose SDK model drops fields we need. Non-2xx raises `ApiError` like the SDK."""
+        response = self._sdk._client_wrapper.httpx_client.request(
+            path, method=method, params=dict(params or {}), json=json
+        )
+        if missing_ok and response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text[:500]
+            raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
+        return response.json() if response.content else None
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         attempt, deadline = 0, time.monotonic() + self.retry_for
@@ -372,7 +746,9 @@ class LabelStudioClient:
             raise LabelStudioNotFound(f"Label Studio at {self.url}: not found (HTTP 404) to {what}") from None
         if transient:
             raise LabelStudioError(
-                f"Label Studio at {self.url}: {what} still failing after {attempt} retries: {_brief(exc)}"
+                f"Label Studio at {self.url} unreachable or failing: could not {what} within "
+                f"{self.retry_for:g} s ({attempt + 1} attempts, last: {_brief(exc)}); is the server up? "
+                "(`bayescurate services status`)"
             ) from None
         if isinstance(exc, ApiError):
             raise LabelStudioError(
@@ -385,7 +761,7 @@ class LabelStudioClient:
         if url and url.rstrip("/") != self.url:
             log.warning("Label Studio moved from %s to %s (restarted); following it", self.url, url)
             self.url = url.rstrip("/")
-            self._sdk = LabelStudio(base_url=self.url, api_key=self._token, timeout=self._timeout)
+            self._sdk = self._new_sdk()
 
 
 def _brief(exc: Exception) -> str:
@@ -427,6 +803,44 @@ def _label_of(result: Sequence[Mapping[str, Any]]) -> str | None:
             if choices:
                 return str(choices[0])
     return None
+
+
+def _data_key(key: str, sample_id: str, *, sortable: bool = True) -> str:
+    """A task data key: not one TaskInput sets itself; a sortable one must be a plain name (the Data Manager
+    reads `tasks:data.a.b` as a nested field), any other at least dot-free."""
+    if key in RESERVED_KEYS:
+        raise ValueError(f"task field {key!r} of sample {sample_id!r} is reserved")
+    if not key or "." in key or (sortable and not _FIELD.match(key)):
+        raise ValueError(
+            f"task field {key!r} of sample {sample_id!r} is not a Data Manager column name "
+            "(letters, digits, underscores)"
+        )
+    return key
+
+
+def _rounded(value: Any, name: str, sample_id: str) -> int | float:
+    """A score as annotators read it: `SCORE_DIGITS` significant digits, whole numbers kept whole."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} of sample {sample_id!r} must be a number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} of sample {sample_id!r} is not finite: {value!r}")
+    return float(f"{float(value):.{SCORE_DIGITS}g}")
+
+
+def _whole(value: Any, name: str, sample_id: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} of sample {sample_id!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _safe_name(text: str) -> str:
+    """A file or folder name for `text`; a short hash keeps names that had to change apart."""
+    safe = _UNSAFE.sub("_", text).strip("._")[:80]
+    if safe == text and safe:
+        return safe
+    return f"{safe or 'x'}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def _utc(when: datetime) -> datetime:

@@ -186,6 +186,49 @@ class Tracker:
             raise
         self.client.set_terminated(run.run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
+    def open_run(
+        self,
+        name: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> Run:
+        """The run named `name` (under `parent`), created RUNNING if there is none yet; left open.
+
+        For runs that outlive one process (a campaign, an annotation round): find-or-create makes a resumed
+        step log to the same run; `finish` ends it.
+        """
+        found = self.find_run(name, parent)
+        if found is not None:
+            run = Run(self.client, found)
+            if tags:
+                run.set_tags(tags)
+            return run
+        all_tags = dict(tags or {})
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent
+        created = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={k: str(v) for k, v in _drop_secrets(all_tags, "tag").items()},
+        )
+        run = Run(self.client, created.info.run_id)
+        if params:
+            run.log_params(params)
+        return run
+
+    def finish(self, run_id: str, failed: bool = False) -> None:
+        status = RunStatus.FAILED if failed else RunStatus.FINISHED
+        self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def ui_url(self, run_id: str | None = None) -> str | None:
+        """The MLflow UI page of the experiment's runs (or of one run); None without an http server."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        base = f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}"
+        return f"{base}/runs/{run_id}" if run_id else f"{base}/runs"
+
     def find_run(self, name: str, parent: Run | str | None = None) -> str | None:
         """Id of the latest run named `name` (under `parent` if given), to resume it after a restart."""
         query = f"attributes.run_name = '{name}'"

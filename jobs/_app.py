@@ -83,10 +83,11 @@ class Flag:
     annotation: Any  # the typer type of the parameter
     kind: str  # "scalar", "bool", "list" or "enum"
     positional: bool = False
+    name: str = ""  # the flag's name when it is not the field's (`Field(json_schema_extra={"flag": ...})`)
 
     @property
     def option(self) -> str:
-        return "--" + self.param.replace("_", "-")
+        return "--" + (self.name or self.param.replace("_", "-"))
 
 
 def _unwrap_optional(annotation: Any) -> Any:
@@ -153,7 +154,11 @@ def config_flags(
         extra = "" if is_positional else _default_text(field)
         if extra:
             help_text = f"{help_text} [{extra}]" if help_text else f"[{extra}]"
-        flag = Flag(path, "_".join(path), typ, kind, positional=is_positional)
+        extra_schema = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        param = "_".join(path)
+        flag = Flag(
+            path, param, typ, kind, positional=is_positional, name=str(extra_schema.get("flag") or "")
+        )
         out.append((flag, help_text))
     return out
 
@@ -261,12 +266,18 @@ class ConfigCommand(Generic[C]):
         return run_command(command, argv, self.prog)
 
 
+def resolve_target(target: str) -> Callable[[Sequence[str]], int]:
+    """`"package.module"` -> its `main`; `"package.module:name"` -> that attribute (imported lazily)."""
+    import importlib
+
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr or "main")  # type: ignore[no-any-return]
+
+
 def subcommands(
     table: dict[str, tuple[str, str]], argv: Sequence[str] | None, prog: str, what: str = "command"
 ) -> int:
-    """Dispatch `prog NAME ...` to `importlib.import_module(table[NAME][0]).main(rest)` (lazy imports)."""
-    import importlib
-
+    """Dispatch `prog NAME ...` to the target of `table[NAME]` (see `resolve_target`), imported lazily."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or args[0] not in table:
         if args and args[0] not in ("-h", "--help"):
@@ -276,5 +287,4 @@ def subcommands(
         for name, (_, desc) in table.items():
             print(f"  {name.ljust(width)}  {desc}")
         return 0 if not args or args[0] in ("-h", "--help") else 2
-    module = importlib.import_module(table[args[0]][0])
-    return int(module.main(args[1:]))
+    return int(resolve_target(table[args[0]][0])(args[1:]))

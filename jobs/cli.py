@@ -21,23 +21,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("jobs.embed", "Compute Bayesian image embeddings (mean and variance) for a corpus."),
     "zeroshot": ("jobs.zeroshot", "Calibrated zero-shot classification with ProbCosine."),
     "select": ("jobs.select", "Choose what annotators label next (EPIG/BALD) and send it to Label Studio."),
-    "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline."),
+    "campaign": ("jobs.campaign", "Annotation campaigns: init, step, run, status."),
+    "annotate-bot": (
+        "jobs.annotate_bot",
+        "A simulated annotator answering Label Studio tasks from ground truth.",
+    ),
+    "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline, select, active-learning, round."),
 }
 
 
 def config_commands() -> dict[str, Any]:
     """Every leaf command generated from a config model: "bench core" -> its `ConfigCommand` (imports all)."""
-    from jobs._app import ConfigCommand
+    from jobs._app import ConfigCommand, resolve_target
 
     found: dict[str, Any] = {}
     for name, (module_name, _) in COMMANDS.items():
         module = importlib.import_module(module_name)
         if isinstance(getattr(module, "main", None), ConfigCommand):
             found[name] = module.main
-        for sub, (sub_module, _) in getattr(module, "SUBCOMMANDS", {}).items():
-            target = importlib.import_module(sub_module)
-            if isinstance(getattr(target, "main", None), ConfigCommand):
-                found[f"{name} {sub}"] = target.main
+        for sub, (target, _) in getattr(module, "SUBCOMMANDS", {}).items():
+            command = resolve_target(target)
+            if isinstance(command, ConfigCommand):
+                found[f"{name} {sub}"] = command
     return found
 
 

@@ -10,8 +10,6 @@ root this machine cannot write).
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +26,6 @@ def image_extension(data: bytes) -> str:
     return next((ext for magic, ext in MAGIC if data.startswith(magic)), "png")
 
 
-def slug(text: str) -> str:
-    """A folder name for a project title: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "project"
-
-
 @dataclass(frozen=True)
 class ImageStore:
     """Where a Label Studio server serves local files from, and what may be inlined instead."""
@@ -41,9 +34,11 @@ class ImageStore:
     inline_max_bytes: int = 0  # images this small are inlined into the task instead
 
     def folder(self, project: str) -> Path:
+        from connectors.label_studio import image_folder
+
         if self.root is None:
             raise ValueError("Label Studio's image root is unknown")
-        return self.root / slug(project)
+        return image_folder(self.root, project)
 
 
 def task_images(
@@ -53,7 +48,7 @@ def task_images(
 
     `sources`: sample_id -> the row's image location (the `source` column of `embed`'s output).
     """
-    from connectors.label_studio import inline_image, local_files_url
+    from connectors.label_studio import inline_image, local_files_url, stage_image
 
     urls: dict[str, str] = {}
     staged = False
@@ -76,18 +71,10 @@ def task_images(
                 f"cannot reference the image of {sid!r} ({len(data)} bytes): Label Studio's local-files "
                 "root is unknown (run `bayescurate services up`, or raise inline_max_bytes)"
             )
-        digest = hashlib.sha256(sid.encode()).hexdigest()[:12]
-        target = store.folder(project) / f"{digest}.{image_extension(data)}"
-        if not target.is_file() or target.stat().st_size != len(data):
-            storage.write_bytes(target, data)
+        target = stage_image(store.root, project, sid, data, image_extension(data))
         urls[sid] = local_files_url(target, store.root)
         staged = True
     return urls, (store.folder(project) if staged else None)
-
-
-def people_round(value: float, digits: int = 4) -> float:
-    """`value` to `digits` significant digits: what a person sorting a column needs to see."""
-    return float(f"{float(value):.{digits}g}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,7 @@ class TaskRow:
     predicted: str
     confidence: float
     scores: Mapping[str, float]  # e.g. {"epig": 0.31, "entropy": 1.2}: numeric, sortable columns
-    extra: Mapping[str, Any] | None = None  # other task data (e.g. the MLflow run link)
+    mlflow_run: str | None = None  # URL of the MLflow run of the round that picked it
 
 
 def push_tasks(
@@ -127,13 +114,11 @@ def push_tasks(
             sample_id=r.sample_id,
             image=urls[r.sample_id],
             round=r.round,
-            prediction=Prediction(r.predicted, people_round(r.confidence), model_version),
-            uncertainty={
-                **{k: people_round(v) for k, v in r.scores.items()},
-                "confidence": people_round(r.confidence),
-                "rank": int(r.rank),
-            },
-            extra=dict(r.extra or {}),
+            prediction=Prediction(r.predicted, r.confidence, model_version),
+            uncertainty=dict(r.scores),
+            confidence=r.confidence,
+            rank=r.rank + 1,
+            mlflow_run=r.mlflow_run,
         )
         for r in todo
     ]

@@ -189,28 +189,32 @@ def load_projection(directory: storage.PathLike, info: dict[str, Any]) -> Tensor
     return found["weight"]
 
 
-def load_posterior(
+def load_head(
     directory: storage.PathLike,
-    adapter: Any,
     *,
+    image_weight: Tensor,
+    text_weight: Tensor,
+    identity: dict[str, Any] | None = None,
     hessian_scale: float | None = None,
     damping: str | None = None,
 ) -> BayesHead:
-    """The `BayesHead` of a posterior directory for `adapter` (a `ClipAdapter` of the same model).
+    """The `BayesHead` of a posterior directory, given the model's projections (no model needed).
 
     Every file is checked against the SHA-256 recorded in `posterior.json`. The image projection is the
-    directory's own when it has one (an annotation round's re-fit), else the model's.
-    `hessian_scale` / `damping` override the stored τ / damping (for sweeps); λ stays as fitted.
+    directory's own when it has one (an annotation round's re-fit), else `image_weight`. `identity`, when
+    given, must be the model the posterior was fitted for. `hessian_scale` / `damping` override the stored
+    τ / damping (for sweeps); λ stays as fitted.
     """
     info = read_info(directory)
-    check_identity(info["model"], adapter.identity())
-    weights = {"image": adapter.image_weight(), "text": adapter.text_weight()}
+    if identity is not None:
+        check_identity(info["model"], identity)
+    weights = {"image": image_weight, "text": text_weight}
     projection = load_projection(directory, info)
     if projection is not None:
-        if projection.shape != weights["image"].shape:
+        if projection.shape != image_weight.shape:
             raise ValueError(
                 f"the posterior's image projection has shape {list(projection.shape)} but the model's has "
-                f"{list(weights['image'].shape)}"
+                f"{list(image_weight.shape)}"
             )
         weights["image"] = projection
     posts = {}
@@ -226,6 +230,27 @@ def load_posterior(
             info["damping"] if damping is None else damping,
         )
     return BayesHead(posts["image"], posts["text"], info["scale"], info["bias"], info["likelihood"])
+
+
+def load_posterior(
+    directory: storage.PathLike,
+    adapter: Any,
+    *,
+    hessian_scale: float | None = None,
+    damping: str | None = None,
+) -> BayesHead:
+    """The `BayesHead` of a posterior directory for `adapter` (a `ClipAdapter` of the same model).
+
+    As `load_head`, with the model's projections and identity taken from the adapter.
+    """
+    return load_head(
+        directory,
+        image_weight=adapter.image_weight(),
+        text_weight=adapter.text_weight(),
+        identity=adapter.identity(),
+        hessian_scale=hessian_scale,
+        damping=damping,
+    )
 
 
 def image_weight(directory: storage.PathLike, adapter: Any) -> Tensor:

@@ -71,7 +71,7 @@ def records(cfg: MakeWorldConfig) -> Iterator[CorpusRecord]:
     for i, s in enumerate(samples, start=cfg.start):
         data, caption = _png(s.image), s.caption
         kind = corruption_of(cfg.seed, i, cfg.corrupt)
-        labels = dict(s.labels)
+        labels = {**s.labels, "domain": synthetic.Domain(cfg.domain).value}
         if kind is not None:
             labels["corruption"] = kind
         if kind == "truncated":

@@ -246,3 +246,51 @@ def rename(src: PathLike, dst: PathLike) -> bool:
             return False
         raise exc
     return True
+
+
+class FileLock:
+    """An exclusive `flock` on a local file, held until `release()`; the file holds the owner's note."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def release(self) -> None:
+        """Clear the owner's note and unlock (a crashed owner's note stays, with its dead pid)."""
+        import fcntl
+
+        if self._handle is not None:
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.flush()
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def try_lock(uri: PathLike, note: str) -> tuple[FileLock | None, str]:
+    """Take an exclusive lock on the local file `uri` without waiting.
+
+    Returns (the lock, note) after writing `note` into the file, or (None, the holder's note) when another
+    open file holds it. The kernel drops the lock when its process ends, however it ends.
+    """
+    import fcntl
+
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise NotImplementedError(f"file locks need a local or mounted path, got {os.fspath(uri)!r}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        held_by = handle.read()
+        handle.close()
+        return None, held_by
+    handle.seek(0)
+    handle.truncate()
+    handle.write(note)
+    handle.flush()
+    faults.checkpoint(path)
+    return FileLock(handle), note
+

@@ -12,12 +12,14 @@ import pytest
 import requests
 from PIL import Image
 
-from connectors import services
+from connectors import processes, services
 from connectors.annotator_bot import BotAnnotator
 from connectors.label_studio import (
     LabelStudioAuthError,
     LabelStudioClient,
+    LabelStudioError,
     Prediction,
+    Project,
     TaskInput,
     inline_image,
     label_config,
@@ -147,6 +149,31 @@ def test_wrong_token_is_a_clear_error_that_never_shows_the_token(
         client.ensure_project("anything", CLASSES)
     assert "401" in str(info.value)
     assert secret not in str(info.value) and secret not in repr(client) and secret not in caplog.text
+
+
+def test_unreachable_server_is_a_clear_error_after_the_retry_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "token-" + uuid.uuid4().hex
+    url = f"http://127.0.0.1:{processes.free_port()}"  # nobody listens there
+    client = LabelStudioClient(url, secret, retry_for=0.5, backoff=0.05, max_backoff=0.1)
+    project = Project(id=7, title="campaign x", classes=tuple(CLASSES))
+    calls = {
+        "annotations": lambda: client.annotations(project),
+        "labels": lambda: client.labels(project, round=1),
+        "import": lambda: client.import_tasks(project, _tasks(2)),
+        "webhook": lambda: client.ensure_webhook(project, "http://127.0.0.1:1/hook"),
+        "view": lambda: client.ensure_view(project, "by epig", order_by="epig"),
+        "sample ids": lambda: client.sample_ids(project),
+    }
+    with caplog.at_level(logging.DEBUG):
+        for name, call in calls.items():
+            with pytest.raises(LabelStudioError, match="unreachable or failing") as info:
+                call()
+            message = str(info.value)
+            assert url in message and "'campaign x'" in message and "ConnectError" in message, name
+            assert not isinstance(info.value, LabelStudioAuthError)
+    assert secret not in caplog.text
 
 
 @pytest.mark.services

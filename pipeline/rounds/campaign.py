@@ -1,0 +1,671 @@
+"""An annotation campaign: `init`, `step` (advance as far as possible), `run` (until N rounds), `status`.
+
+A round is `select -> push -> collect -> train -> update` (MATH §9):
+- select: the round's posterior re-scores the pool from cached activations (labelled and already pushed
+  samples leave it) and the acquisition picks `budget` samples;
+- push: they become tasks at the label source, each with the model's prediction and uncertainty;
+- collect: answers are appended to the labels table; the round waits until `min_answered` of its tasks
+  are answered (or `--force`);
+- train: the image projection is re-fitted from the ORIGINAL prior on ALL labels so far (Ray Train or
+  in-process), so a round is a pure function of (starting posterior, labels, seeds);
+- update: the labelled curvature at the new MAP is merged into the posterior (a new posterior directory
+  naming its parent, round and labels), and the evaluation set is scored.
+Each transition writes its outputs first and `state.json` last; every output is a deterministic function
+of what came before, so a crash at any point resumes on the next `step` with the same picks, no duplicate
+task and no label lost or counted twice. One stepper at a time holds the lease.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import torch
+import yaml
+
+from pipeline import runtime
+from pipeline.annotation import TaskRow
+from pipeline.artifacts.posterior import Lineage, read_info, write_posterior
+from pipeline.bayes.online import labelled_factors, updated_posterior
+from pipeline.classes import read_classes
+from pipeline.io import faults, storage, tensors
+from pipeline.rounds import labels as labels_table
+from pipeline.rounds import lease
+from pipeline.rounds.config import CampaignConfig, LabelSource, Trainer
+from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
+from pipeline.rounds.evaluation import evaluate
+from pipeline.rounds.sources import Source, make_source
+from pipeline.rounds.state import (
+    CONFIG_FILE,
+    STATE_FILE,
+    CampaignState,
+    Round,
+    RoundState,
+    read_state,
+    round_dir,
+    write_state,
+)
+from pipeline.rounds.tracking import CampaignTracker
+from pipeline.runtime import Executor
+from pipeline.selection import choose
+from pipeline.train.data import TrainData
+
+Log = Callable[[str], None]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def campaign_name(directory: str) -> str:
+    return storage.resolve(directory)[1].rstrip("/").rsplit("/", 1)[-1]
+
+
+def read_config(directory: str) -> CampaignConfig:
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"{directory!r} is not a campaign directory (no {CONFIG_FILE})")
+    return CampaignConfig.model_validate(yaml.safe_load(storage.read_text(path)) or {})
+
+
+def _config_yaml(cfg: CampaignConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState:
+    """Create the campaign directory (idempotent for the same config; refused for another one)."""
+    if storage.is_file(storage.join(directory, STATE_FILE)):
+        existing = read_config(directory)
+        if existing != cfg:
+            raise FileExistsError(
+                f"{directory!r} is a campaign with another configuration; use a new directory "
+                "(or edit its campaign.yaml by hand, knowing what it changes)"
+            )
+        log(f"campaign {directory} exists with this configuration: nothing to do")
+        return read_state(directory)
+    with lease.acquire(directory, "campaign init"):
+        spec = read_classes(cfg.classes)
+        start = read_info(cfg.posterior)
+        cache = write_cache(directory, cfg.posterior, spec)
+        campaign = Campaign(directory, cfg, cache)
+        pool = campaign.pool()  # reads and checks the embeddings now, not at the first step
+        if cfg.targets:
+            campaign.targets()
+        baseline: dict[str, Any] = {}
+        if cfg.eval:
+            baseline, _ = campaign.evaluate(cache.head(cfg.posterior))
+        if cfg.label_source is LabelSource.ORACLE:
+            make_source(cfg, cache.classes, directory, cache.label_column)  # checks the truth column
+        storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
+        parent = campaign.tracker.parent()
+        state = write_state(directory, CampaignState(mlflow_run_id=parent, baseline=baseline))
+        campaign.tracker.log_curve(parent, state)
+        log(
+            f"campaign {directory}: pool {len(pool)} rows, {len(cache.classes)} classes, starting posterior "
+            f"{start['posterior_id']}, labels from {cfg.label_source.value}"
+        )
+        return state
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class StepReport:
+    """What one `step` did and where the campaign stands after it."""
+
+    state: CampaignState
+    did: list[str] = field(default_factory=list)  # transitions made, e.g. "round 1: trained"
+    waiting: str | None = None  # what the campaign waits for (answers), if anything
+    finished: str | None = None  # why no further round starts (rounds reached, pool exhausted)
+
+
+class Campaign:
+    """A campaign directory with its config, model cache and label source loaded."""
+
+    def __init__(self, directory: str, cfg: CampaignConfig | None = None, cache: ModelCache | None = None):
+        self.directory = directory
+        self.cfg = cfg or read_config(directory)
+        self.cache = cache or read_cache(directory)
+        self.name = campaign_name(directory)
+        self.start_info = read_info(self.cfg.posterior)
+        self.tracker = CampaignTracker(self.cfg, self.name)
+        self._rows: dict[str, Rows] = {}
+        self._source: Source | None = None
+        self._start_head: Any = None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = make_source(self.cfg, self.cache.classes, self.directory, self.cache.label_column)
+        return self._source
+
+    def _load(self, what: str, uri: str) -> Rows:
+        if what not in self._rows:
+            self._rows[what] = load_rows(uri, self.cache, self.start_info, what)
+        return self._rows[what]
+
+    def pool(self) -> Rows:
+        return self._load("pool", self.cfg.pool)
+
+    def targets(self) -> Rows | None:
+        return self._load("targets", self.cfg.targets) if self.cfg.targets else None
+
+    def eval_rows(self) -> Rows | None:
+        return self._load("evaluation", self.cfg.eval) if self.cfg.eval else None
+
+    @property
+    def start_head(self) -> Any:
+        if self._start_head is None:
+            self._start_head = self.cache.head(self.cfg.posterior)
+        return self._start_head
+
+    def posterior_of(self, index: int) -> str:
+        """The posterior round `index` selects with: the start, or the previous round's update."""
+        return (
+            self.cfg.posterior
+            if index == 0
+            else storage.join(round_dir(self.directory, index - 1), "posterior")
+        )
+
+    def evaluate(self, head: Any) -> tuple[dict[str, Any], bytes | None]:
+        rows = self.eval_rows()
+        if rows is None:
+            return {}, None
+        column = self.cfg.eval_labels or self.cache.label_column
+        if not column:
+            raise ValueError(
+                "the evaluation set needs `eval_labels` (the classes file names no label column)"
+            )
+        return evaluate(head, self.cache, rows, column, self.cfg.domain_column)
+
+    # -- transitions -------------------------------------------------------------------------------
+    def select(self, state: CampaignState, index: int) -> tuple[CampaignState, str | None]:
+        """Choose round `index`'s picks; returns the new state, or the old one and why nothing was picked."""
+        started = time.perf_counter()
+        cfg = self.cfg
+        posterior = self.posterior_of(index)
+        head = self.cache.head(posterior)
+        posterior_id = read_info(posterior)["posterior_id"]
+        taken = {sid for r in state.rounds for sid in self.picks(r.index)}
+        pool = self.pool()
+        keep = torch.tensor(
+            [i for i, sid in enumerate(pool.rows.sample_ids) if sid not in taken], dtype=torch.long
+        )
+        if len(keep) == 0:
+            return state, f"the pool is exhausted ({len(pool)} rows, all picked)"
+        t0 = time.perf_counter()
+        remaining = pool.take(keep).rescored(head)
+        targets = self.targets()
+        targets = targets.rescored(head) if targets is not None else None
+        rescore_s = time.perf_counter() - t0
+        seed = cfg.seed + index
+        picks, candidates = choose(
+            head,
+            self.cache.text_acts,
+            self.cache.classes,
+            remaining.rows,
+            cfg.budget,
+            targets=None if targets is None else targets.rows,
+            method=cfg.method,
+            neighbours=cfg.neighbours,
+            metric=cfg.metric,
+            max_targets=cfg.max_targets,
+            draws=cfg.draws,
+            seed=seed,
+            text_offset=self.cache.text_offset,
+            pool_offsets=remaining.offsets,
+            target_offsets=None if targets is None else targets.offsets,
+        )
+        params = {
+            "round": index,
+            "method": cfg.method.value,
+            "budget": cfg.budget,
+            "draws": cfg.draws,
+            "seed": seed,
+            "posterior_id": posterior_id,
+            "start_posterior_id": self.cache.posterior_id,
+            "trainer": cfg.trainer.value,
+            "label_source": cfg.label_source.value,
+        }
+        run_id = self.tracker.round_run(state.mlflow_run_id, index, params)
+        columns = remaining.rows.columns
+        by_id = {sid: i for i, sid in enumerate(remaining.rows.sample_ids)}
+        table = {
+            "sample_id": [p.sample_id for p in picks],
+            "rank": pa.array([p.rank for p in picks], pa.int32()),
+            "score": pa.array([p.score for p in picks], pa.float64()),
+            "predicted": [p.predicted for p in picks],
+            "confidence": pa.array([p.confidence for p in picks], pa.float64()),
+            "entropy": pa.array([p.entropy for p in picks], pa.float64()),
+            "round": pa.array([index] * len(picks), pa.int32()),
+        }
+        for name in ("source", cfg.domain_column):
+            if name in columns:
+                table[name] = [columns[name][by_id[p.sample_id]] for p in picks]
+        storage.write_parquet(
+            pa.table(table), storage.join(round_dir(self.directory, index), "picks.parquet")
+        )
+        round_ = Round(
+            index=index,
+            state=RoundState.SELECTED,
+            posterior_id=posterior_id,
+            picks=len(picks),
+            seed=seed,
+            mlflow_run_id=run_id,
+            counts={"tasks": len(picks), "candidates": candidates, "pool_left": len(remaining)},
+            timings={"rescore": rescore_s, "select": time.perf_counter() - started - rescore_s},
+        )
+        return write_state(self.directory, state.with_round(round_)), None
+
+    def picks(self, index: int) -> list[str]:
+        path = storage.join(round_dir(self.directory, index), "picks.parquet")
+        if not storage.is_file(path):
+            return []
+        return storage.read_parquet(path, columns=["sample_id"]).column("sample_id").to_pylist()
+
+    def push(self, state: CampaignState, round_: Round) -> CampaignState:
+        started = time.perf_counter()
+        rdir = round_dir(self.directory, round_.index)
+        picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
+        pool = self.pool()
+        sources: dict[str, str] = {}
+        if "source" in pool.rows.columns:
+            wanted = {p["sample_id"] for p in picks}
+            sources = {
+                sid: src
+                for sid, src in zip(pool.rows.sample_ids, pool.rows.columns["source"], strict=True)
+                if sid in wanted
+            }
+        run_url = self.tracker.url(round_.mlflow_run_id) if round_.mlflow_run_id else None
+        rows = [
+            TaskRow(
+                sample_id=p["sample_id"],
+                round=round_.index,
+                rank=int(p["rank"]),
+                predicted=p["predicted"],
+                confidence=float(p["confidence"]),
+                scores={self.cfg.method.value: float(p["score"]), "entropy": float(p["entropy"])},
+                mlflow_run=run_url,
+            )
+            for p in picks
+        ]
+        result = self.source.push(rows, sources, model_version=round_.posterior_id)
+        faults.checkpoint(f"push round {round_.index}")
+        url = self.source.url()
+        storage.write_json(storage.join(rdir, "push.json"), {**result, "url": url, "at": _now().isoformat()})
+        counts = {**round_.counts, "created": result.get("created", 0)}
+        timings = {**round_.timings, "push": time.perf_counter() - started}
+        round_ = replace(round_, state=RoundState.PUSHED, counts=counts, timings=timings)
+        return write_state(self.directory, state.with_round(round_))
+
+    def collect(self, state: CampaignState, round_: Round, force: bool) -> tuple[CampaignState, str | None]:
+        """Pull answers; returns the state and, while the round waits for more answers, what it waits for."""
+        started = time.perf_counter()
+        rdir = round_dir(self.directory, round_.index)
+        snapshot = storage.join(rdir, "labels.parquet")
+        if storage.is_file(snapshot):  # collected before a crash: train on exactly those labels
+            return state, None
+        pushed = {
+            sid: r.index for r in state.rounds if r.at_least(RoundState.PUSHED) for sid in self.picks(r.index)
+        }
+        fetched = self.source.fetch(pushed)
+        existing = labels_table.read_rows(self.directory)
+        new = labels_table.changes(existing, fetched, set(pushed))
+        labels_table.append(self.directory, new, _now())
+        resolution = labels_table.resolve([*existing, *new], self.cache.classes)
+        labels_table.write_quarantine(self.directory, resolution.quarantined)
+        counts = {**round_.counts, **labels_table.round_counts(resolution, self.picks(round_.index))}
+        counts["labels_total"] = len(resolution.labels)
+        tasks = int(counts["tasks"])
+        needed = math.ceil(self.cfg.min_answered * tasks - 1e-9)
+        timings = {**round_.timings, "collect": time.perf_counter() - started}
+        if counts["answered"] < needed and not force:
+            waiting = (
+                f"waiting: {counts['answered']} of {tasks} tasks answered in round {round_.index} "
+                f"({needed} needed, min_answered {self.cfg.min_answered:g}; --force trains on what is there)"
+            )
+            if round_.state is not RoundState.COLLECTING or round_.counts != counts:
+                round_ = replace(round_, state=RoundState.COLLECTING, counts=counts, timings=timings)
+                state = write_state(self.directory, state.with_round(round_))
+            return state, waiting
+        storage.write_parquet(labels_table.labels_table(resolution), snapshot)
+        round_ = replace(round_, state=RoundState.COLLECTING, counts=counts, timings=timings)
+        return write_state(self.directory, state.with_round(round_)), None
+
+    def _labelled(self, index: int) -> tuple[TrainData, str]:
+        """The labels round `index` trains on (its snapshot) as cached activations, and their digest."""
+        table = storage.read_parquet(storage.join(round_dir(self.directory, index), "labels.parquet"))
+        ids, names = table.column("sample_id").to_pylist(), table.column("label").to_pylist()
+        pool = self.pool()
+        at = {sid: i for i, sid in enumerate(pool.rows.sample_ids)}
+        missing = [sid for sid in ids if sid not in at]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} labelled samples are not in the pool {self.cfg.pool!r}: {missing[:5]}"
+            )
+        rows = pool.take(torch.tensor([at[sid] for sid in ids], dtype=torch.long))
+        index_of = {c: i for i, c in enumerate(self.cache.classes)}
+        data = TrainData(
+            acts=rows.rows.acts.double(),
+            labels=torch.tensor([index_of[n] for n in names], dtype=torch.long),
+            offsets=None if rows.offsets is None else rows.offsets.double(),
+            sample_ids=list(ids),
+        )
+        digest = labels_table.Resolution(
+            labels={
+                sid: labels_table.Resolved(sid, n, 0, 1, 1.0, _now())
+                for sid, n in zip(ids, names, strict=True)
+            }
+        ).digest()
+        return data, digest
+
+    def train(self, state: CampaignState, round_: Round) -> CampaignState:
+        started = time.perf_counter()
+        rdir = round_dir(self.directory, round_.index)
+        data, digest = self._labelled(round_.index)
+        head = self.start_head
+        prior = head.image
+        text_mean, _ = head.text_embeddings(self.cache.text_acts, self.cache.text_offset)
+        refit = self.cfg.train
+        if len(data.sample_ids) == 0:
+            weight, summary = prior.weight.clone(), {"steps_run": 0, "note": "no labels: the prior mean"}
+        elif self.cfg.trainer is Trainer.LOCAL:
+            from pipeline.train.local import refit_local
+
+            result = refit_local(prior, text_mean, head.scale, head.bias, data, refit)
+            weight, summary = result.weight, _train_summary(result)
+        else:
+            from pipeline.train.ray_train import refit_ray
+
+            with runtime.ray_session(Executor.RAY, self.cfg.address, self.cfg.num_cpus):
+                use_gpu = runtime.cluster_resources().get("GPU", 0.0) >= 1
+                result = refit_ray(
+                    prior,
+                    text_mean,
+                    head.scale,
+                    head.bias,
+                    data,
+                    refit,
+                    num_workers=self.cfg.train_workers,
+                    use_gpu=use_gpu,
+                    storage_path=_ray_storage(storage.join(rdir, "ray-train")),
+                    name=f"{self.name}-round-{round_.index:03d}",
+                )
+            weight, summary = result.weight, _train_summary(result)
+        summary |= {
+            "labels": len(data.sample_ids),
+            "labels_digest": digest,
+            "trainer": self.cfg.trainer.value,
+        }
+        tensors.save(
+            storage.join(rdir, "projection.safetensors"),
+            {"weight": weight},
+            {"round": round_.index, "labels_digest": digest},
+        )
+        storage.write_json(storage.join(rdir, "train.json"), summary)
+        timings = {**round_.timings, "train": time.perf_counter() - started}
+        short = {k: v for k, v in summary.items() if k != "history"}
+        round_ = replace(
+            round_, state=RoundState.TRAINED, labels_used=len(data.sample_ids), train=short, timings=timings
+        )
+        return write_state(self.directory, state.with_round(round_))
+
+    def update(self, state: CampaignState, round_: Round) -> CampaignState:
+        started = time.perf_counter()
+        rdir = round_dir(self.directory, round_.index)
+        found, _ = tensors.load(storage.join(rdir, "projection.safetensors"))
+        weight = found["weight"].double()
+        data, digest = self._labelled(round_.index)
+        head = self.start_head
+        prior = head.image
+        text_mean, _ = head.text_embeddings(self.cache.text_acts, self.cache.text_offset)
+        if len(data.sample_ids):
+            extra = labelled_factors(
+                weight,
+                data.acts,
+                text_mean,
+                head.likelihood,
+                head.scale,
+                head.bias,
+                data.offsets,
+                prior.factors.meta,
+            )
+            image = updated_posterior(
+                prior,
+                weight,
+                extra,
+                merge_weight=self.cfg.merge_weight,
+                refit_prior_precision=self.cfg.refit_prior_precision,
+            )
+        else:
+            image = prior
+        info = write_posterior(
+            storage.join(rdir, "posterior"),
+            image,
+            head.text,
+            likelihood=head.likelihood.value,
+            scale=head.scale,
+            bias=head.bias,
+            model=self.start_info["model"],
+            provenance={
+                "campaign": self.name,
+                "start_posterior_id": self.cache.posterior_id,
+                "labels": len(data.sample_ids),
+                "merge_weight": self.cfg.merge_weight,
+            },
+            image_projection=weight,
+            lineage=Lineage(
+                parent=round_.posterior_id,
+                round=round_.index,
+                labels=len(data.sample_ids),
+                labels_digest=digest,
+            ),
+        )
+        new_head = self.cache.head(storage.join(rdir, "posterior"))
+        metrics, png = self.evaluate(new_head)
+        if metrics:
+            storage.write_json(storage.join(rdir, "metrics.json"), metrics)
+        if png is not None:
+            storage.write_bytes(storage.join(rdir, "reliability.png"), png)
+        timings = {**round_.timings, "update": time.perf_counter() - started}
+        round_ = replace(
+            round_,
+            state=RoundState.UPDATED,
+            new_posterior_id=info["posterior_id"],
+            metrics=metrics,
+            timings=timings,
+        )
+        self.tracker.log_round(round_.mlflow_run_id, round_, rdir, png)
+        state = write_state(self.directory, state.with_round(round_))
+        self.tracker.log_curve(state.mlflow_run_id, state)
+        return state
+
+
+def _train_summary(result: Any) -> dict[str, Any]:
+    return {
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "converged": result.converged,
+        "seconds": result.seconds,
+        "history": [dict(vars(r)) if hasattr(r, "__dict__") else dict(r) for r in result.history],
+    }
+
+
+def _ray_storage(uri: str) -> str:
+    """Ray Train's storage path: a local absolute path, or the URI as it is."""
+    return storage.resolve(uri)[1] if storage.is_local(uri) else uri
+
+
+def step(
+    directory: str, *, force: bool = False, max_rounds: int | None = None, log: Log = print
+) -> StepReport:
+    """Advance the campaign as far as it can go now (holding the lease); idempotent.
+
+    `force`: train the current round on the answers there are, whatever `min_answered` says.
+    `max_rounds`: start no round beyond this many (default: the config's `max_rounds`).
+    """
+    with lease.acquire(directory, "campaign step"):
+        campaign = Campaign(directory)
+        state = read_state(directory)
+        report = StepReport(state)
+        target = max_rounds if max_rounds is not None else campaign.cfg.max_rounds
+        forced = force
+        while True:
+            current = state.current
+            if current is None or current.state is RoundState.UPDATED:
+                if target is not None and state.completed >= target:
+                    report.finished = f"{state.completed} rounds done"
+                    break
+                state, why = campaign.select(state, len(state.rounds))
+                if why is not None:
+                    report.finished = why
+                    break
+                _did(report, log, f"round {len(state.rounds) - 1}: selected {state.rounds[-1].picks} samples")
+            elif current.state is RoundState.SELECTED:
+                state = campaign.push(state, current)
+                where = campaign.source.url() or campaign.source.name
+                _did(report, log, f"round {current.index}: pushed {current.picks} tasks to {where}")
+            elif current.state in (RoundState.PUSHED, RoundState.COLLECTING):
+                state, waiting = campaign.collect(state, current, forced)
+                if waiting is not None:
+                    report.waiting = waiting
+                    log(waiting)
+                    break
+                forced = False
+                c = state.rounds[current.index].counts
+                _did(
+                    report,
+                    log,
+                    f"round {current.index}: collected {c.get('labelled', 0)} labels, "
+                    f"{c.get('skipped', 0)} skipped, {c.get('quarantined', 0)} quarantined "
+                    f"({c.get('labels_total', 0)} labels in all)",
+                )
+                state = campaign.train(state, state.rounds[current.index])
+                t = state.rounds[current.index].train
+                _did(
+                    report,
+                    log,
+                    f"round {current.index}: trained ({campaign.cfg.trainer.value}) on {t.get('labels', 0)} "
+                    f"labels, {t.get('steps_run', 0)} steps",
+                )
+            else:  # TRAINED
+                state = campaign.update(state, current)
+                done = state.rounds[current.index]
+                _did(
+                    report,
+                    log,
+                    f"round {current.index}: updated -> posterior {done.new_posterior_id}" + _brief(done),
+                )
+        report.state = state
+        return report
+
+
+def _did(report: StepReport, log: Log, text: str) -> None:
+    report.did.append(text)
+    log(text)
+
+
+def _brief(round_: Round) -> str:
+    m = round_.metrics
+    if not m:
+        return ""
+    return (
+        f"; evaluation accuracy MAP {m['MAP']['accuracy']:.3f} / Bayes {m['Bayes']['accuracy']:.3f}, "
+        f"ECE {m['MAP']['ece']:.3f} / {m['Bayes']['ece']:.3f}"
+    )
+
+
+def run(
+    directory: str,
+    rounds: int,
+    *,
+    wait: bool = False,
+    force: bool = False,
+    poll_s: float | None = None,
+    log: Log = print,
+) -> StepReport:
+    """Step until `rounds` rounds are updated; with `wait`, poll for answers instead of returning."""
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
+    interval = poll_s if poll_s is not None else read_config(directory).poll_s
+    while True:
+        try:
+            report = step(directory, force=force, max_rounds=rounds, log=log)
+        except lease.LeaseHeld as held:
+            if not wait:
+                raise
+            log(f"{held}; retrying in {interval:g} s")
+            time.sleep(interval)
+            continue
+        force = False
+        if report.state.completed >= rounds or report.finished or not wait:
+            return report
+        time.sleep(interval)
+
+
+# -------------------------------------------------------------------------------------------- status
+
+
+def status(directory: str) -> dict[str, Any]:
+    """Where the campaign stands (read-only, no lease): per round its state, label counts and metrics."""
+    cfg = read_config(directory)
+    state = read_state(directory)
+    rounds = []
+    for r in state.rounds:
+        metrics = {
+            name: {k: r.metrics[name][k] for k in ("accuracy", "nll", "ece", "brier") if k in r.metrics[name]}
+            for name in ("MAP", "Bayes")
+            if name in r.metrics
+        }
+        if "domains" in r.metrics:
+            metrics["domains"] = r.metrics["domains"]
+        rounds.append(
+            {
+                "round": r.index,
+                "state": r.state.value,
+                "posterior_id": r.posterior_id,
+                "new_posterior_id": r.new_posterior_id,
+                "picks": r.picks,
+                "labels": {k: r.counts[k] for k in sorted(r.counts)},
+                "labels_used": r.labels_used,
+                "metrics": metrics,
+                "seconds": r.timings,
+            }
+        )
+    current = state.current
+    waiting = None
+    if current is not None and current.state in (RoundState.PUSHED, RoundState.COLLECTING):
+        answered, tasks = current.counts.get("answered", 0), current.counts.get("tasks", current.picks)
+        waiting = (
+            f"round {current.index}: {answered} of {tasks} tasks answered at the last step "
+            f"(trains at {math.ceil(cfg.min_answered * tasks - 1e-9)})"
+        )
+    elif current is not None and current.state is RoundState.SELECTED:
+        waiting = f"round {current.index}: picks chosen, tasks not pushed yet (the next step pushes them)"
+    tracker = CampaignTracker(cfg, campaign_name(directory)) if cfg.tracking else None
+    return {
+        "directory": directory,
+        "label_source": cfg.label_source.value,
+        "method": cfg.method.value,
+        "budget": cfg.budget,
+        "min_answered": cfg.min_answered,
+        "max_rounds": cfg.max_rounds,
+        "rounds_completed": state.completed,
+        "rounds": rounds,
+        "baseline": state.baseline,
+        "waiting": waiting,
+        "lease": lease.holder(directory),
+        "mlflow": tracker.url() if tracker else None,
+        "updated": state.updated,
+    }

@@ -1,0 +1,85 @@
+"""What a campaign is: its pool, targets and evaluation set, the starting posterior, how it picks, trains
+and collects. Written to `campaign.yaml` by `campaign init`; every field is a flag or a YAML key."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import AliasChoices, Field, model_validator
+
+from pipeline.bayes.neighbours import Metric
+from pipeline.config import TrackedConfig
+from pipeline.selection import Acquisition
+from pipeline.train.config import RefitConfig
+
+
+class LabelSource(str, Enum):
+    """Where a campaign's labels come from."""
+
+    LABEL_STUDIO = "label-studio"
+    """Human annotators in a Label Studio project (the server of `bayescurate services`, or `state_dir`)."""
+    ORACLE = "oracle"
+    """Ground truth from a Parquet table (`truth`, `truth_column`), answered at once: simulations,
+    benchmarks and tests. The answers go through the same collection code as Label Studio's."""
+
+
+class Trainer(str, Enum):
+    """Where the re-fit of the image projection (MATH §9) runs."""
+
+    RAY = "ray"
+    """Ray Train `TorchTrainer` with `train_workers` workers (GPUs when the cluster has them)."""
+    LOCAL = "local"
+    """The same objective and optimiser in this process."""
+
+
+class CampaignConfig(TrackedConfig):
+    """An annotation campaign (see the README's campaign reference)."""
+
+    pool: str  # embeddings of the unlabelled pool (`embed --activations`)
+    classes: str  # classes file (JSON from make-world, or one class a line)
+    posterior: str  # the starting posterior directory (from fit-posterior)
+    targets: str | None = None  # embeddings of the target distribution: targeted selection and EPIG
+    eval: str | None = Field(
+        default=None, validation_alias=AliasChoices("eval", "evaluation")
+    )  # labelled evaluation embeddings: metrics after every round
+    eval_labels: str | None = None  # label column of the evaluation set (default: the classes file's)
+    domain_column: str = "domain"  # column splitting the evaluation metrics per domain, when present
+    budget: int = 20  # tasks per round
+    max_rounds: int | None = None  # stop after this many rounds (none: until the pool runs out)
+    method: Acquisition = Acquisition.EPIG  # acquisition function
+    draws: int = 64  # joint posterior draws for EPIG/BALD
+    seed: int = 0  # seed of round 0; round r uses seed + r
+    neighbours: int = 20  # pool neighbours per target point (targeted selection)
+    metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
+    max_targets: int = 256  # targets EPIG averages over (a fixed random subset beyond)
+    label_source: LabelSource = Field(
+        default=LabelSource.LABEL_STUDIO, validation_alias=AliasChoices("label_source", "labels", "source")
+    )  # where labels come from
+    project: str | None = None  # Label Studio project (default: the campaign directory's name)
+    state_dir: str | None = None  # services state dir with the Label Studio URL and token (default ./.state)
+    inline_max_bytes: int = 0  # images up to this size are inlined into tasks instead of referenced
+    truth: str | None = Field(
+        default=None, validation_alias=AliasChoices("truth", "oracle", "truth_uri")
+    )  # oracle: Parquet file or folder with sample_id and the label column
+    truth_column: str | None = None  # oracle: its label column (default: the classes file's)
+    min_answered: float = 1.0  # share of a round's tasks answered (labelled or skipped) before it trains
+    trainer: Trainer = Trainer.RAY  # where the projection is re-fitted
+    train_workers: int = 2  # Ray Train workers
+    train: RefitConfig = RefitConfig()  # the re-fit's optimiser and early stopping
+    merge_weight: float = 1.0  # weight w of the labelled curvature in the posterior update (A + wA_lab)
+    refit_prior_precision: bool = False  # re-fit λ by marginal likelihood after each update (else keep it)
+    poll_s: float = 30.0  # `campaign run --wait`: seconds between checks for new answers
+    address: str | None = None  # Ray cluster address (default: embedded local Ray, or $RAY_ADDRESS)
+    num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
+
+    @model_validator(mode="after")
+    def _check(self) -> CampaignConfig:
+        if self.budget < 1:
+            raise ValueError(f"budget must be at least 1, got {self.budget}")
+        if not 0.0 < self.min_answered <= 1.0:
+            raise ValueError(f"min_answered must lie in (0, 1], got {self.min_answered}")
+        if self.label_source is LabelSource.ORACLE and not self.truth:
+            raise ValueError("the oracle label source needs `truth`: a Parquet URI with sample_id and labels")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be at least 1, got {self.max_rounds}")
+        return self

@@ -1,0 +1,140 @@
+"""What a campaign computes from: cached activations, so that no round ever runs an encoder.
+
+`campaign init` runs the model once to write `cache/model.safetensors`: the class text activations (and
+offsets), the starting posterior's image projection, the text projection and the model identity. Every
+step then loads only tensors: the pool, targets and evaluation embeddings (`embed --activations`), whose
+per-row offsets `mean − P̂ a` (zero for CLIP, SigLIP's attention-pool residual) are recovered once against
+the starting projection, and a round's posterior re-scores them as `P* a + offset` with its variance
+(MATH §9) by matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.artifacts.posterior import image_weight, load_head, projection_sha256, read_info
+from pipeline.bayes.head import BayesHead
+from pipeline.classes import ClassSpec, class_text_features, read_classes
+from pipeline.io import storage, tensors
+from pipeline.selection import EmbeddingSet, read_embeddings
+
+CACHE = "cache/model.safetensors"
+CACHE_FORMAT = "bayescurate.campaign-cache/1"
+CHUNK = 8192  # rows re-scored at a time
+
+
+@dataclass(frozen=True)
+class ModelCache:
+    """The model-dependent tensors a campaign needs, computed once at init."""
+
+    text_acts: Tensor  # [C, dt] class text activations (prompt-averaged)
+    text_offset: Tensor | None  # [C, D]
+    image_weight: Tensor  # [D, d] the starting posterior's image projection
+    text_weight: Tensor  # [D, dt]
+    classes: list[str]
+    label_column: str | None
+    identity: dict[str, Any]
+    posterior_id: str  # the starting posterior
+
+    def head(self, posterior_dir: str) -> BayesHead:
+        """The head of a posterior directory of this campaign (the start, or a round's update)."""
+        return load_head(
+            posterior_dir,
+            image_weight=self.image_weight,
+            text_weight=self.text_weight,
+            identity=self.identity,
+        )
+
+
+def write_cache(directory: str, posterior: str, spec: ClassSpec) -> ModelCache:
+    """Run the model once (class prompts through the text tower) and cache what every step needs."""
+    from pipeline.stages.embed import ModelSpec
+
+    info = read_info(posterior)
+    adapter = ModelSpec(info["model"].get("name"), info["model"].get("pretrained")).load()
+    text_acts, text_offset = class_text_features(adapter, spec)
+    found = {
+        "text_acts": text_acts,
+        "image_weight": image_weight(posterior, adapter),
+        "text_weight": adapter.text_weight().detach().double().cpu(),
+    }
+    if text_offset is not None:
+        found["text_offset"] = text_offset
+    header = {
+        "format": CACHE_FORMAT,
+        "classes": spec.names,
+        "label_column": spec.label_column,
+        "identity": adapter.identity(),
+        "posterior_id": info["posterior_id"],
+    }
+    tensors.save(storage.join(directory, CACHE), found, header)
+    return read_cache(directory)
+
+
+def read_cache(directory: str) -> ModelCache:
+    found, header = tensors.load(storage.join(directory, CACHE))
+    if header.get("format") != CACHE_FORMAT:
+        raise ValueError(
+            f"{directory!r}: {CACHE} has format {header.get('format')!r}, expected {CACHE_FORMAT!r}"
+        )
+    return ModelCache(
+        text_acts=found["text_acts"],
+        text_offset=found.get("text_offset"),
+        image_weight=found["image_weight"],
+        text_weight=found["text_weight"],
+        classes=list(header["classes"]),
+        label_column=header.get("label_column"),
+        identity=dict(header["identity"]),
+        posterior_id=str(header["posterior_id"]),
+    )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Embedded rows with their offsets against the starting projection (None: CLIP, no offset)."""
+
+    rows: EmbeddingSet
+    offsets: Tensor | None  # [N, D]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, index: Tensor) -> Rows:
+        return Rows(self.rows.take(index), None if self.offsets is None else self.offsets[index])
+
+    def rescored(self, head: BayesHead) -> Rows:
+        """The same rows with the Gaussian embeddings of `head`: `P a + offset`, its variance."""
+        means, variances = [], []
+        for lo in range(0, len(self), CHUNK):
+            acts = self.rows.acts[lo : lo + CHUNK]
+            offset = None if self.offsets is None else self.offsets[lo : lo + CHUNK]
+            mean, var = head.image_embeddings(acts, offset)
+            means.append(mean)
+            variances.append(var)
+        empty = torch.zeros(0, head.dim, dtype=self.rows.mean.dtype)
+        mean = torch.cat(means) if means else empty
+        var = torch.cat(variances) if variances else empty
+        return Rows(self.rows.with_embeddings(mean, var), self.offsets)
+
+
+def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str) -> Rows:
+    """An embeddings directory of the campaign, checked to come from the starting posterior."""
+    rows = read_embeddings(uri)
+    wanted = projection_sha256(start_info)
+    if rows.meta.get("projection_sha256") != wanted:
+        raise ValueError(
+            f"the {what} embeddings {uri!r} were made under another image projection than the starting "
+            f"posterior {start_info['posterior_id']} (they name {rows.meta.get('posterior_id')}): re-embed"
+        )
+    offset = rows.mean - rows.acts @ cache.image_weight.T.to(rows.acts.dtype)  # [N, D]
+    scale = rows.mean.abs().max().clamp_min(1.0) if len(rows) else torch.tensor(1.0)
+    offsets = None if bool((offset.abs() <= 1e-5 * scale).all()) else offset
+    return Rows(rows, offsets)
+
+
+def read_spec(classes: str) -> ClassSpec:
+    return read_classes(classes)

@@ -1,0 +1,309 @@
+"""The labels table: append-only, one row per version of an annotation seen, and how answers resolve.
+
+Every collection compares what the label source returns now with the table and appends only what changed:
+a new annotation, a new version of an edited one (a later `updated_at`), or a tombstone for one that was
+deleted. Appending is keyed by content, so a collection repeated after a crash appends nothing twice.
+
+Resolution, per sample: the latest version of each annotation wins; cancelled (skipped) answers count as
+answered but are not labels; a label that is not a class is quarantined with the reason; each annotator
+counts once (their latest answer); the majority label wins, ties going to the most recently saved label;
+the agreement is the majority's share of the annotators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from pipeline.io import storage
+
+LABELS_DIR = "labels"
+QUARANTINE_DIR = "labels/quarantine"
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("annotation_id", pa.string()),
+        ("annotator", pa.string()),
+        ("label", pa.string()),
+        ("cancelled", pa.bool_()),
+        ("deleted", pa.bool_()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("round", pa.int32()),
+        ("task_id", pa.int64()),
+        ("collected_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("annotation_id", pa.string()),
+        ("annotator", pa.string()),
+        ("label", pa.string()),
+        ("reason", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One answer as a label source reports it (Label Studio or the oracle)."""
+
+    sample_id: str
+    annotation_id: str  # unique at the source, e.g. "ls:123" or "oracle:<sample_id>"
+    annotator: str
+    label: str | None  # the chosen class; None when cancelled or empty
+    cancelled: bool
+    created_at: datetime
+    updated_at: datetime  # changes when the annotation is edited
+    round: int
+    task_id: int | None = None
+    deleted: bool = False
+
+    def key(self) -> tuple[object, ...]:
+        """What makes two sightings the same version."""
+        return (self.label, self.cancelled, self.deleted, _utc(self.updated_at))
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def read_rows(directory: str) -> list[Annotation]:
+    """Every row of the labels table, in the order they were appended."""
+    folder = storage.join(directory, LABELS_DIR)
+    if not storage.exists(folder):
+        return []
+    rows: list[Annotation] = []
+    for path in storage.list_files(folder, suffix=".parquet", recursive=False):
+        for r in storage.read_parquet(path).to_pylist():
+            rows.append(
+                Annotation(
+                    sample_id=r["sample_id"],
+                    annotation_id=r["annotation_id"],
+                    annotator=r["annotator"],
+                    label=r["label"],
+                    cancelled=bool(r["cancelled"]),
+                    created_at=_utc(r["created_at"]),
+                    updated_at=_utc(r["updated_at"]),
+                    round=int(r["round"]),
+                    task_id=r["task_id"],
+                    deleted=bool(r["deleted"]),
+                )
+            )
+    return rows
+
+
+def latest(rows: Iterable[Annotation]) -> dict[str, Annotation]:
+    """annotation_id -> its latest version (table order)."""
+    out: dict[str, Annotation] = {}
+    for row in rows:
+        out[row.annotation_id] = row
+    return out
+
+
+def changes(
+    existing: Sequence[Annotation], fetched: Sequence[Annotation], scope: set[str]
+) -> list[Annotation]:
+    """What to append: fetched versions the table lacks, and tombstones for vanished annotations.
+
+    `scope`: the sample ids the fetch covered (an annotation of another sample is never tombstoned).
+    """
+    current = latest(existing)
+    seen: set[str] = set()
+    out: list[Annotation] = []
+    for ann in fetched:
+        seen.add(ann.annotation_id)
+        old = current.get(ann.annotation_id)
+        if old is None or old.key() != ann.key():
+            out.append(ann)
+    for aid, old in current.items():
+        if aid not in seen and not old.deleted and old.sample_id in scope:
+            out.append(
+                Annotation(
+                    old.sample_id,
+                    aid,
+                    old.annotator,
+                    None,
+                    old.cancelled,
+                    old.created_at,
+                    old.updated_at,
+                    old.round,
+                    old.task_id,
+                    deleted=True,
+                )
+            )
+    return out
+
+
+def append(directory: str, rows: Sequence[Annotation], collected_at: datetime) -> str | None:
+    """Append `rows` as the next part of the table (nothing when empty); returns the part's path."""
+    if not rows:
+        return None
+    folder = storage.join(directory, LABELS_DIR)
+    existing = (
+        storage.list_files(folder, suffix=".parquet", recursive=False) if storage.exists(folder) else []
+    )
+    path = storage.join(folder, f"part-{len(existing):06d}.parquet")
+    table = pa.Table.from_pylist(
+        [
+            {
+                "sample_id": r.sample_id,
+                "annotation_id": r.annotation_id,
+                "annotator": r.annotator,
+                "label": r.label,
+                "cancelled": r.cancelled,
+                "deleted": r.deleted,
+                "created_at": _utc(r.created_at),
+                "updated_at": _utc(r.updated_at),
+                "round": r.round,
+                "task_id": r.task_id,
+                "collected_at": _utc(collected_at),
+            }
+            for r in rows
+        ],
+        schema=SCHEMA,
+    )
+    storage.write_parquet(table, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The label of one sample after resolving its annotators' answers."""
+
+    sample_id: str
+    label: str
+    round: int
+    annotators: int
+    agreement: float  # share of the annotators who chose `label`
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    sample_id: str
+    annotation_id: str
+    annotator: str
+    label: str
+    reason: str
+    updated_at: datetime
+
+
+@dataclass
+class Resolution:
+    """Labels, skips and quarantined answers of every sample with at least one answer."""
+
+    labels: dict[str, Resolved] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)  # labelled, skipped or quarantined
+    skipped: set[str] = field(default_factory=set)  # answered by cancellations only
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """SHA-256 of the resolved (sample_id, label) pairs: what a re-fit learns from."""
+        text = "".join(f"{sid}\t{r.label}\n" for sid, r in sorted(self.labels.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resolve(rows: Iterable[Annotation], classes: Sequence[str]) -> Resolution:
+    """Resolve the table's rows into one label per sample (see the module docstring)."""
+    valid = set(classes)
+    by_sample: dict[str, list[Annotation]] = defaultdict(list)
+    for ann in latest(rows).values():
+        if not ann.deleted:
+            by_sample[ann.sample_id].append(ann)
+    out = Resolution()
+    for sid, anns in sorted(by_sample.items()):
+        out.answered.add(sid)
+        votes: dict[str, Annotation] = {}  # annotator -> their latest valid answer
+        for ann in sorted(anns, key=lambda a: (a.updated_at, a.annotation_id)):
+            if ann.cancelled or ann.label is None:
+                continue
+            if ann.label not in valid:
+                reason = f"{ann.label!r} is not one of the classes"
+                out.quarantined.append(
+                    Quarantined(sid, ann.annotation_id, ann.annotator, ann.label, reason, ann.updated_at)
+                )
+                continue
+            votes[ann.annotator] = ann
+        if not votes:
+            if all(a.cancelled for a in anns):
+                out.skipped.add(sid)
+            continue
+        counts = Counter(a.label for a in votes.values())
+        top = max(counts.values())
+        tied = [a for a in votes.values() if counts[a.label] == top]
+        winner = max(tied, key=lambda a: (a.updated_at, a.annotation_id))
+        out.labels[sid] = Resolved(
+            sid, str(winner.label), winner.round, len(votes), top / len(votes), winner.updated_at
+        )
+    return out
+
+
+def write_quarantine(directory: str, quarantined: Sequence[Quarantined]) -> int:
+    """Record quarantined answers not recorded yet (keyed by annotation id and version); returns how many."""
+    folder = storage.join(directory, QUARANTINE_DIR)
+    existing = (
+        storage.list_files(folder, suffix=".parquet", recursive=False) if storage.exists(folder) else []
+    )
+    known = {
+        (r["annotation_id"], _utc(r["updated_at"]))
+        for path in existing
+        for r in storage.read_parquet(path).to_pylist()
+    }
+    new = [q for q in quarantined if (q.annotation_id, _utc(q.updated_at)) not in known]
+    if new:
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "sample_id": q.sample_id,
+                    "annotation_id": q.annotation_id,
+                    "annotator": q.annotator,
+                    "label": q.label,
+                    "reason": q.reason,
+                    "updated_at": _utc(q.updated_at),
+                }
+                for q in new
+            ],
+            schema=QUARANTINE_SCHEMA,
+        )
+        storage.write_parquet(table, storage.join(folder, f"part-{len(existing):06d}.parquet"))
+    return len(new)
+
+
+def round_counts(resolution: Resolution, picks: Sequence[str]) -> dict[str, float]:
+    """Label counts of one round's tasks."""
+    ids = set(picks)
+    labelled = [resolution.labels[s] for s in ids if s in resolution.labels]
+    multi = [r for r in labelled if r.annotators > 1]
+    quarantined = {q.sample_id for q in resolution.quarantined if q.sample_id in ids}
+    return {
+        "tasks": len(ids),
+        "answered": len(ids & resolution.answered),
+        "labelled": len(labelled),
+        "skipped": len(ids & resolution.skipped),
+        "quarantined": len(quarantined - set(resolution.labels)),
+        "multi_annotated": len(multi),
+        "agreement": sum(r.agreement for r in multi) / len(multi) if multi else 1.0,
+    }
+
+
+def labels_table(resolution: Resolution) -> pa.Table:
+    """The resolved labels as a table (what a round's re-fit learns from: `rounds/RRR/labels.parquet`)."""
+    rows = sorted(resolution.labels.values(), key=lambda r: r.sample_id)
+    return pa.table(
+        {
+            "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
+            "label": pa.array([r.label for r in rows], pa.string()),
+            "round": pa.array([r.round for r in rows], pa.int32()),
+            "annotators": pa.array([r.annotators for r in rows], pa.int32()),
+            "agreement": pa.array([r.agreement for r in rows], pa.float64()),
+        }
+    )

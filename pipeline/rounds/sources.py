@@ -1,0 +1,175 @@
+"""Label sources: where a round's tasks go and where their answers come from.
+
+Both sources return `labels.Annotation`s, so everything after the fetch (the append-only table, the
+resolution, the counts) is one code path. `LabelStudioSource` pushes tasks with images by reference and
+the model's prediction; `OracleSource` answers every pushed sample at once from a ground-truth table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.annotation import ImageStore, TaskRow, push_tasks
+from pipeline.io import storage
+from pipeline.rounds.config import CampaignConfig, LabelSource
+from pipeline.rounds.labels import Annotation
+
+
+class Source(Protocol):
+    """Where tasks go and answers come from."""
+
+    name: str
+
+    def push(
+        self, rows: Sequence[TaskRow], sources: Mapping[str, str], *, model_version: str
+    ) -> dict[str, Any]:
+        """Create the tasks not created yet (idempotent, keyed by sample_id); returns counts."""
+        ...
+
+    def fetch(self, sample_ids: Mapping[str, int]) -> list[Annotation]:
+        """Every current annotation of the given samples (sample_id -> round)."""
+        ...
+
+    def url(self) -> str | None:
+        """Where people see the tasks, if anywhere."""
+        ...
+
+
+@dataclass
+class LabelStudioSource:
+    """A Label Studio project (created on first push with the campaign's classes)."""
+
+    project: str
+    classes: Sequence[str]
+    state_dir: str | None = None
+    inline_max_bytes: int = 0
+    name: str = LabelSource.LABEL_STUDIO.value
+
+    def __post_init__(self) -> None:
+        self._client: Any = None
+        self._project: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from connectors.label_studio import LabelStudioClient
+
+            self._client = LabelStudioClient.from_services(self.state_dir)
+        return self._client
+
+    def ensure_project(self) -> Any:
+        if self._project is None:
+            self._project = self.client.ensure_project(self.project, list(self.classes))
+        return self._project
+
+    def push(
+        self, rows: Sequence[TaskRow], sources: Mapping[str, str], *, model_version: str
+    ) -> dict[str, Any]:
+        from connectors.service_state import read_state
+
+        ls = read_state(self.state_dir).label_studio
+        store = ImageStore(Path(ls.image_root) if ls else None, self.inline_max_bytes)
+        self.ensure_project()
+        return push_tasks(
+            self.client, self.project, self.classes, rows, sources, store, model_version=model_version
+        )
+
+    def fetch(self, sample_ids: Mapping[str, int]) -> list[Annotation]:
+        project = self.ensure_project()
+        out = []
+        for rec in self.client.annotations(project):
+            if rec.sample_id not in sample_ids:
+                continue
+            out.append(
+                Annotation(
+                    sample_id=rec.sample_id,
+                    annotation_id=f"ls:{rec.annotation_id}",
+                    annotator=rec.annotator,
+                    label=rec.label,
+                    cancelled=rec.cancelled,
+                    created_at=rec.created_at,
+                    updated_at=rec.updated_at,
+                    round=sample_ids[rec.sample_id] if rec.round is None else int(rec.round),
+                    task_id=rec.task_id,
+                )
+            )
+        return out
+
+    def url(self) -> str | None:
+        project = self.ensure_project()
+        return f"{self.client.url}/projects/{project.id}/data"
+
+
+EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass
+class OracleSource:
+    """Ground truth for every pushed sample, at once: a Parquet file or folder with sample_id + `column`."""
+
+    truth: str
+    column: str
+    name: str = LabelSource.ORACLE.value
+
+    def __post_init__(self) -> None:
+        self._truth: dict[str, str] | None = None
+
+    def _table(self) -> dict[str, str]:
+        if self._truth is None:
+            files = [f for f in storage.list_files(self.truth, suffix=".parquet") if "/quarantine/" not in f]
+            if not files:
+                raise FileNotFoundError(f"no Parquet files under the oracle's truth {self.truth!r}")
+            truth: dict[str, str] = {}
+            for path in files:
+                table = storage.read_parquet(path)
+                if "sample_id" not in table.column_names or self.column not in table.column_names:
+                    raise ValueError(
+                        f"the oracle's truth {path!r} needs columns 'sample_id' and {self.column!r}; "
+                        f"it has {table.column_names}"
+                    )
+                for sid, label in zip(
+                    table.column("sample_id").to_pylist(), table.column(self.column).to_pylist(), strict=True
+                ):
+                    if label is not None:
+                        truth[str(sid)] = str(label)
+            self._truth = truth
+        return self._truth
+
+    def push(
+        self, rows: Sequence[TaskRow], sources: Mapping[str, str], *, model_version: str
+    ) -> dict[str, Any]:
+        truth = self._table()
+        missing = [r.sample_id for r in rows if r.sample_id not in truth]
+        if missing:
+            raise ValueError(
+                f"the oracle's truth {self.truth!r} has no label for {len(missing)} picks: {missing[:5]}"
+            )
+        return {"created": len(rows), "skipped": 0}
+
+    def fetch(self, sample_ids: Mapping[str, int]) -> list[Annotation]:
+        truth = self._table()
+        return [
+            Annotation(sid, f"oracle:{sid}", "oracle", truth[sid], False, EPOCH, EPOCH, round_)
+            for sid, round_ in sorted(sample_ids.items())
+            if sid in truth
+        ]
+
+    def url(self) -> str | None:
+        return None
+
+
+def make_source(
+    cfg: CampaignConfig, classes: Sequence[str], directory: str, label_column: str | None
+) -> Source:
+    """The label source a campaign config names."""
+    if cfg.label_source is LabelSource.ORACLE:
+        column = cfg.truth_column or label_column
+        if not column:
+            raise ValueError("the oracle needs `truth_column` (the classes file names no label column)")
+        return OracleSource(str(cfg.truth), column)
+    project = cfg.project or storage.resolve(directory)[1].rstrip("/").rsplit("/", 1)[-1]
+    return LabelStudioSource(project, list(classes), cfg.state_dir, cfg.inline_max_bytes)

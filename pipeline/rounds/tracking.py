@@ -1,0 +1,119 @@
+"""MLflow for a campaign: one parent run, one nested run per round, the active-learning curve on the parent.
+
+Runs are found by name before they are created, so a step resumed after a crash logs to the same runs.
+A round's run is opened when its picks are chosen (its URL goes onto every task) and finished when the
+round is updated, with its parameters, picks table, label counts and agreement, step timings, evaluation
+metrics (MAP and Bayes, per domain), reliability diagram and posterior directory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.io import storage
+from pipeline.plots import curves_png
+from pipeline.rounds.config import CampaignConfig
+from pipeline.rounds.state import CampaignState, Round
+
+
+def _flat(prefix: str, values: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flat(f"{name}.", value)
+        elif isinstance(value, int | float) and value == value:
+            out[name] = float(value)
+    return out
+
+
+class CampaignTracker:
+    """The campaign's MLflow runs (a no-op when tracking is off)."""
+
+    def __init__(self, cfg: CampaignConfig, name: str) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.tracker = cfg.tracker() if cfg.tracking else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracker is not None
+
+    def parent(self) -> str | None:
+        """Id of the campaign's run (created on first use)."""
+        if self.tracker is None:
+            return None
+        params = self.cfg.model_dump(mode="json", exclude={"tracking", "tracking_uri", "experiment"})
+        run = self.tracker.open_run(
+            f"campaign {self.name}", params=params, tags={"bayescurate.kind": "campaign"}
+        )
+        return run.run_id
+
+    def round_run(self, parent: str | None, index: int, params: dict[str, Any]) -> str | None:
+        if self.tracker is None:
+            return None
+        run = self.tracker.open_run(
+            f"round-{index:03d}",
+            params=params,
+            tags={"bayescurate.kind": "round", "bayescurate.round": index},
+            parent=parent,
+        )
+        return run.run_id
+
+    def url(self, run_id: str | None = None) -> str | None:
+        return None if self.tracker is None else self.tracker.ui_url(run_id)
+
+    def log_round(self, run_id: str | None, round_: Round, round_dir: str, reliability: bytes | None) -> None:
+        """Everything a finished round shows in MLflow; then the run is finished."""
+        if self.tracker is None or run_id is None:
+            return
+        from connectors.tracking import Run
+
+        run = Run(self.tracker.client, run_id)
+        step = round_.index
+        run.log_metrics(_flat("labels.", round_.counts), step=step)
+        run.log_metrics({"labels.used": float(round_.labels_used)}, step=step)
+        run.log_metrics(_flat("seconds.", round_.timings), step=step)
+        run.log_metrics(_flat("eval.", round_.metrics), step=step)
+        run.log_metrics(_flat("train.", {k: v for k, v in round_.train.items() if k != "history"}), step=step)
+        run.set_tags({"bayescurate.new_posterior_id": round_.new_posterior_id or ""})
+        picks = storage.read_parquet(storage.join(round_dir, "picks.parquet")).to_pylist()
+        run.log_dict({"picks": picks}, "picks.json")
+        run.log_dict(round_.to_json(), "round.json")
+        if reliability is not None:
+            run.log_bytes(reliability, "reliability.png")
+        posterior = storage.join(round_dir, "posterior")
+        for path in storage.list_files(posterior):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            run.log_bytes(storage.read_bytes(path), f"posterior/{name}")
+        self.tracker.finish(run_id)
+
+    def log_curve(self, parent: str | None, state: CampaignState) -> None:
+        """The active-learning curve on the campaign's run: metrics against labels, a point per round."""
+        if self.tracker is None or parent is None:
+            return
+        from connectors.tracking import Run
+
+        points = [(0, state.baseline)] if state.baseline else []
+        points += [(r.labels_used, r.metrics) for r in state.rounds if r.metrics]
+        if not points:
+            return
+        run = Run(self.tracker.client, parent)
+        x = [float(n) for n, _ in points]
+        for metric in ("accuracy", "nll", "ece"):
+            series = {
+                name: [float(m.get(name, {}).get(metric, float("nan"))) for _, m in points]
+                for name in ("MAP", "Bayes")
+            }
+            png = curves_png(
+                x,
+                series,
+                xlabel="labels",
+                ylabel=metric,
+                title=f"{self.name}: {metric} on the evaluation set",
+            )
+            run.log_bytes(png, f"curves/{metric}.png")
+        for i, (n, m) in enumerate(points):
+            run.log_metrics({**_flat("eval.", m), "labels": float(n)}, step=i)
+        run.log_text(json.dumps([{"labels": n, **m} for n, m in points], indent=2), "curve.json")
