@@ -118,6 +118,8 @@ class Tracker:
     ) -> None:
         if not experiment:
             raise ValueError("empty MLflow experiment name")
+        # MLflow prints "View run ... at" for every finished run; commands print the URLs that matter.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         uri = tracking_uri or _default_uri()
         if uri.startswith("sqlite:///"):
             db = Path(uri.removeprefix("sqlite:///"))

@@ -101,7 +101,9 @@ def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
         loc = [str(p) for p in err["loc"]]
         flag = "--" + "-".join(loc).replace("_", "-")
         key = ".".join(loc)
-        if err["type"] == "missing":
+        if not loc:  # a check across fields
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+        elif err["type"] == "missing":
             lines.append(f"missing {flag} (or `{key}:` in the --config file)")
         elif err["type"] == "extra_forbidden":
             lines.append(f"unknown setting {key!r}")

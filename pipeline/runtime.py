@@ -104,13 +104,12 @@ def worker_env() -> dict[str, str]:
 
 
 def configure_data(progress: bool | None = None) -> None:
-    """Ray Data settings: progress bars only in a terminal (or as asked), no verbose stats."""
-    import sys
-
+    """Ray Data settings: no bars of its own (the runner draws one for rows done/total, rate and ETA,
+    `pipeline.progress.RowProgress`) unless asked, no verbose stats."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.enable_progress_bars = bool(progress)
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
 

@@ -18,13 +18,13 @@ DEFAULT_BINS = 15
 EPS = 1e-12
 
 
-
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy in nats over the last axis: `H[p] = −Σ_c p_c log p_c`, with `0 log 0 = 0`.
 
     probs [..., C] -> [...].
     """
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
 
 def _check(probs: Tensor, labels: Tensor) -> None:
     if probs.ndim != 2:

@@ -36,7 +36,7 @@ from pipeline.classes import read_classes
 from pipeline.io import faults, storage, tensors
 from pipeline.rounds import labels as labels_table
 from pipeline.rounds import lease
-from pipeline.rounds.config import CampaignConfig, LabelSource, Trainer
+from pipeline.rounds.config import CampaignConfig, Trainer
 from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
 from pipeline.rounds.evaluation import evaluate
 from pipeline.rounds.sources import Source, make_source
@@ -102,8 +102,7 @@ def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState
         baseline: dict[str, Any] = {}
         if cfg.eval:
             baseline, _ = campaign.evaluate(cache.head(cfg.posterior))
-        if cfg.label_source is LabelSource.ORACLE:
-            make_source(cfg, cache.classes, directory, cache.label_column)  # checks the truth column
+        make_source(cfg, cache.classes, directory, cache.label_column).check()
         storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
         parent = campaign.tracker.parent()
         state = write_state(directory, CampaignState(mlflow_run_id=parent, baseline=baseline))

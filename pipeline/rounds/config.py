@@ -44,10 +44,10 @@ class CampaignConfig(TrackedConfig):
     )  # labelled evaluation embeddings: metrics after every round
     eval_labels: str | None = None  # label column of the evaluation set (default: the classes file's)
     domain_column: str = "domain"  # column splitting the evaluation metrics per domain, when present
-    budget: int = 20  # tasks per round
-    max_rounds: int | None = None  # stop after this many rounds (none: until the pool runs out)
+    budget: int = Field(20, ge=1)  # tasks per round
+    max_rounds: int | None = Field(None, ge=1)  # stop after this many rounds (none: until the pool is used)
     method: Acquisition = Acquisition.EPIG  # acquisition function
-    draws: int = 64  # joint posterior draws for EPIG/BALD
+    draws: int = Field(64, ge=1)  # joint posterior draws for EPIG/BALD
     seed: int = 0  # seed of round 0; round r uses seed + r
     neighbours: int = 20  # pool neighbours per target point (targeted selection)
     metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
@@ -62,9 +62,9 @@ class CampaignConfig(TrackedConfig):
         default=None, validation_alias=AliasChoices("truth", "oracle", "truth_uri")
     )  # oracle: Parquet file or folder with sample_id and the label column
     truth_column: str | None = None  # oracle: its label column (default: the classes file's)
-    min_answered: float = 1.0  # share of a round's tasks answered (labelled or skipped) before it trains
+    min_answered: float = Field(1.0, gt=0, le=1)  # share of a round's tasks answered (or skipped) to train
     trainer: Trainer = Trainer.RAY  # where the projection is re-fitted
-    train_workers: int = 2  # Ray Train workers
+    train_workers: int = Field(2, ge=1)  # Ray Train workers
     train: RefitConfig = RefitConfig()  # the re-fit's optimiser and early stopping
     merge_weight: float = 1.0  # weight w of the labelled curvature in the posterior update (A + wA_lab)
     refit_prior_precision: bool = False  # re-fit λ by marginal likelihood after each update (else keep it)
@@ -74,12 +74,6 @@ class CampaignConfig(TrackedConfig):
 
     @model_validator(mode="after")
     def _check(self) -> CampaignConfig:
-        if self.budget < 1:
-            raise ValueError(f"budget must be at least 1, got {self.budget}")
-        if not 0.0 < self.min_answered <= 1.0:
-            raise ValueError(f"min_answered must lie in (0, 1], got {self.min_answered}")
         if self.label_source is LabelSource.ORACLE and not self.truth:
             raise ValueError("the oracle label source needs `truth`: a Parquet URI with sample_id and labels")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise ValueError(f"max_rounds must be at least 1, got {self.max_rounds}")
         return self

@@ -38,6 +38,10 @@ class Source(Protocol):
         """Where people see the tasks, if anywhere."""
         ...
 
+    def check(self) -> None:
+        """Fail now (at `campaign init`) rather than at the first push: reachable, readable, consistent."""
+        ...
+
 
 @dataclass
 class LabelStudioSource:
@@ -103,6 +107,9 @@ class LabelStudioSource:
         project = self.ensure_project()
         return f"{self.client.url}/projects/{project.id}/data"
 
+    def check(self) -> None:
+        self.ensure_project()
+
 
 EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -160,6 +167,9 @@ class OracleSource:
 
     def url(self) -> str | None:
         return None
+
+    def check(self) -> None:
+        self._table()
 
 
 def make_source(

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from pipeline.data.sources import Shard
-from pipeline.progress import track
+from pipeline.progress import RowProgress, quiet_ray
 from pipeline.stages.base import Batch, Stage, num_rows, object_array, record_output
 from pipeline.stages.read import ReadStage, shard_batch
 from pipeline.stages.shards import ShardAssembler
@@ -86,15 +86,20 @@ def run_ray(
         ds = map_stage(ds, stage, pool_size=pool_size)
     assembler = ShardAssembler()
     nodes: dict[str, set[str]] = {}
-    batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-    if not ray.data.DataContext.get_current().enable_progress_bars:
-        batches = track(batches, "output batches")  # Ray draws no bars outside a terminal: plain log lines
-    for batch in batches:
-        for key in [k for k in batch if k.startswith(NODE_PREFIX)]:
-            nodes.setdefault(key.removeprefix(NODE_PREFIX), set()).update(np.unique(batch.pop(key)).tolist())
-        record_output(batch)
-        for shard_id, rows in assembler.add(batch):
-            sink(shard_id, rows)
+    with quiet_ray() as console:
+        label = stages[-1].name if stages else "rows"
+        progress = RowProgress(sum(s.rows for s in shards), label, stream=console)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                for key in [k for k in batch if k.startswith(NODE_PREFIX)]:
+                    found = np.unique(batch.pop(key)).tolist()
+                    nodes.setdefault(key.removeprefix(NODE_PREFIX), set()).update(found)
+                record_output(batch)
+                progress.update(num_rows(batch))
+                for shard_id, rows in assembler.add(batch):
+                    sink(shard_id, rows)
+        finally:
+            progress.close()
     if assembler.pending():
         raise RuntimeError(f"shards left incomplete after the stream ended: {assembler.pending()}")
     return nodes

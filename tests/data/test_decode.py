@@ -13,9 +13,9 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-from pipeline.flows.world import huge_png
 from pipeline.data.decode import Limits, decode_batch, split_preprocess
 from pipeline.data.quarantine import Reason
+from pipeline.flows.world import huge_png
 
 
 def _png(image: Image.Image) -> bytes:

@@ -25,12 +25,31 @@ def test_every_command_and_subcommand_is_generated_from_a_config() -> None:
     assert expected <= set(COMMANDS)
 
 
-def _sample(annotation: Any, default: Any) -> Any:
-    """A valid value of the field's type that differs from its default."""
+# Fields a command's validators require together with the sampled values (cross-field checks).
+CONSISTENT = {"campaign init": {("truth",): "truth-uri"}}
+
+
+def _bounds(field: Any) -> tuple[float | None, float | None]:
+    low = high = None
+    for m in field.metadata:
+        low = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else low
+        low = getattr(m, "gt", None) if getattr(m, "gt", None) is not None else low
+        high = getattr(m, "le", None) if getattr(m, "le", None) is not None else high
+        high = getattr(m, "lt", None) if getattr(m, "lt", None) is not None else high
+    return low, high
+
+
+def _sample(annotation: Any, default: Any, field: Any = None) -> Any:
+    """A valid value of the field's type (within its bounds) that differs from its default."""
     inner = _unwrap_optional(annotation)
+    low, high = _bounds(field) if field is not None else (None, None)
+    if inner in (int, float) and high is not None:
+        value = (high + (low if low is not None else 0)) / 2
+        value = int(value) if inner is int else value
+        return value if value != default else (high if inner is float else int(high))
     origin = typing.get_origin(inner)
     if origin in (tuple, list):
-        item = _unwrap_optional([a for a in typing.get_args(inner) if a is not Ellipsis][0])
+        item = _unwrap_optional(next(a for a in typing.get_args(inner) if a is not Ellipsis))
         if isinstance(item, type) and issubclass(item, Enum):
             return [m.value for m in item][::-1]
         return {int: [3, 5], float: [0.25, 4.0], str: ["a", "b"]}[item]
@@ -75,7 +94,7 @@ def _plain(value: Any) -> Any:
 
 
 def _argv(path: tuple[str, ...], value: Any, command: ConfigCommand) -> list[str]:
-    flag = "--" + "-".join(path).replace("_", "-")
+    flag = next(f.option for f, _ in command.flags if f.path == path)
     if path[0] in command.positional:
         return [str(value)]
     if isinstance(value, bool):
@@ -97,14 +116,15 @@ def test_every_field_is_reachable_as_a_flag_and_from_yaml(name: str, tmp_path: P
     command: ConfigCommand = COMMANDS[name]
     fields = _flat_fields(command.config)
     required = {
-        path: _sample(f.annotation, None)
+        path: _sample(f.annotation, None, f)
         for path, f in fields
         if f.default is PydanticUndefined and f.default_factory is None
     }
+    required.update(CONSISTENT.get(name, {}))
     positional_argv = [str(v) for p, v in required.items() if p[0] in command.positional]
     for path, field in fields:
         default = None if field.default is PydanticUndefined else field.default
-        value = required.get(path, _sample(field.annotation, default))
+        value = required.get(path, _sample(field.annotation, default, field))
         # As a flag (required fields as flags too).
         argv = list(positional_argv)
         for other, v in required.items():

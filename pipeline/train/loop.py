@@ -1,0 +1,205 @@
+"""The one optimisation loop of a MAP re-fit (MATH.md §9), run in-process and inside every Ray Train worker.
+
+Full-batch Adam on `Z`, with `P = P̂ + Λ^{-1/2}[Z]` (`Whitening`): in these coordinates the prior term is
+`½‖Z‖²` and its curvature the identity, so one learning rate (in prior standard deviations) suits any
+model, and a strong prior (the usual case: pretraining statistics of many more samples than labels) makes
+the problem nearly perfectly conditioned. Each worker evaluates `refit_loss`'s two terms on its own rows
+(the prior term on rank 0 only, so it is counted once) and the loss and gradient are summed over workers
+before the step: every worker then holds the full-batch gradient and takes the same step as a single
+process would. Every decision (evaluate, stop) is made by rank 0 from summed values and broadcast, so the
+workers cannot disagree on when to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pipeline.bayes.kron import KronPosterior
+from pipeline.bayes.online import Whitening, check_labelled, data_nll, prior_penalty
+from pipeline.train.config import RefitConfig
+from pipeline.train.data import TrainData
+
+Record = dict[str, float | int | None]  # one evaluation: step, train_loss, val_nll, grad_max, lr
+
+
+class Collective(Protocol):
+    """The two collectives the loop needs; a single process is the trivial group."""
+
+    rank: int
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        """`t` summed over all workers (every worker gets the same tensor)."""
+        ...
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        """Rank 0's `t` on every worker."""
+        ...
+
+
+class SingleProcess:
+    """The group of one: sums and broadcasts are the identity."""
+
+    rank = 0
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        return t
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a round minimises: `refit_loss` with the prior `prior`, class text means `text_mean` [C, D],
+    logit scale `scale` and bias `bias` (MATH §9)."""
+
+    prior: KronPosterior
+    text_mean: Tensor
+    scale: float
+    bias: float = 0.0
+
+    def check(self, rows: TrainData) -> None:
+        """Raise ValueError unless `rows` fit the prior's projection and the classes."""
+        check_labelled(rows.acts, rows.labels, self.text_mean, rows.offsets, self.prior.weight)
+
+    def to(self, device: torch.device) -> Objective:
+        """The objective with its tensors in float64 on `device`."""
+        p = self.prior
+        if p.weight.device != device or p.weight.dtype != torch.float64:
+            p = KronPosterior(
+                p.factors.to(torch.float64, device),
+                p.weight.to(device=device, dtype=torch.float64),
+                p.prior_precision,
+                p.hessian_scale,
+                p.damping,
+            )
+        text = self.text_mean.to(device=device, dtype=torch.float64)
+        return Objective(p, text, float(self.scale), float(self.bias))
+
+    def data_term(self, weight: Tensor, rows: TrainData) -> Tensor:
+        """`Σ_i CE(s · cos(P a_i + o_i, h_c) + b, y_i)` over `rows`: scalar."""
+        return data_nll(weight, self.text_mean, rows.acts, rows.labels, self.scale, self.bias, rows.offsets)
+
+    def prior_term(self, weight: Tensor) -> Tensor:
+        """`½ vec(P − P̂)ᵀ Λ_prev vec(P − P̂)`: scalar."""
+        return prior_penalty(weight, self.prior)
+
+
+@dataclass
+class RefitResult:
+    """Outcome of a re-fit.
+
+    weight: [D, d] float64, the new MAP `P*` (the best held-back weights when early stopping is on);
+    history: one record per evaluation (step, train_loss = full objective, val_nll = mean held-back NLL
+    or None, grad_max = max |∂loss/∂Z|, lr); best_step: the step `weight` comes from; steps_run: Adam
+    steps taken; stopped_early: patience ran out; converged: the gradient tolerance was met; seconds:
+    wall time (for Ray, of the whole run seen from the driver, start-up included).
+    """
+
+    weight: Tensor
+    history: list[Record] = field(default_factory=list)
+    best_step: int = 0
+    steps_run: int = 0
+    stopped_early: bool = False
+    converged: bool = False
+    seconds: float = 0.0
+
+
+def run_refit(
+    objective: Objective,
+    train: TrainData,
+    held: TrainData,
+    cfg: RefitConfig,
+    comm: Collective | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    on_eval: Callable[[Record], None] | None = None,
+) -> RefitResult:
+    """Minimise the round's objective from `P̂` with full-batch Adam (module docstring).
+
+    train, held: this worker's rows (all rows in a single process; any of them may be empty). At every
+    `cfg.eval_every`-th step and at the last one: the mean held-back NLL is evaluated, the best weights
+    kept (a gain must exceed `cfg.min_delta`), and the run stops when the gradient tolerance is met,
+    `cfg.patience` evaluations passed without a gain (only when there are held-back rows), or
+    `cfg.max_steps` is reached. `on_eval` receives each evaluation's record on every worker.
+    """
+    start = time.perf_counter()
+    comm = comm or SingleProcess()
+    device = torch.device(device)
+    objective.check(train)
+    objective.check(held)
+    obj = objective.to(device)
+    train, held = train.to(device), held.to(device)
+    p_hat = obj.prior.weight  # [D, d]
+    whiten = Whitening.of(obj.prior).to(torch.float64, device)
+
+    counts = comm.all_sum(torch.tensor([len(train), len(held)], dtype=torch.float64, device=device))
+    n_held = int(counts[1])
+    early = cfg.patience is not None and n_held > 0
+
+    z = torch.zeros_like(p_hat, requires_grad=True)  # whitened offset from P̂   [D, d]
+    opt = torch.optim.Adam([z], lr=cfg.lr_at(0))
+    history: list[Record] = []
+    best_val, best_step, best_weight = math.inf, 0, p_hat.clone()
+    since_best = 0
+    stopped_early = converged = False
+    step = 0
+    while True:
+        weight = p_hat + whiten(z)  # [D, d]
+        loss = obj.data_term(weight, train)
+        if comm.rank == 0:
+            loss = loss + obj.prior_term(weight)
+        (grad,) = torch.autograd.grad(loss, z)
+        summed = comm.all_sum(torch.cat([loss.detach().reshape(1), grad.reshape(-1)]))
+        grad = summed[1:].view_as(z)  # full-batch ∂loss/∂Z   [D, d]
+
+        if step % cfg.eval_every == 0 or step >= cfg.max_steps:
+            with torch.no_grad():
+                val = comm.all_sum(obj.data_term(weight, held).reshape(1)) / n_held if n_held else None
+            record: Record = {
+                "step": step,
+                "train_loss": float(summed[0]),
+                "val_nll": None if val is None else float(val),
+                "grad_max": float(grad.abs().max()),
+                "lr": opt.param_groups[0]["lr"],
+            }
+            history.append(record)
+            if val is not None and float(val) < best_val - cfg.min_delta:
+                best_val, best_step, since_best = float(val), step, 0
+                best_weight = weight.detach().clone()
+            else:
+                since_best += 1
+            converged = float(record["grad_max"]) <= cfg.tolerance  # type: ignore[arg-type]
+            stopped_early = early and since_best >= (cfg.patience or 0)
+            done = converged or stopped_early or step >= cfg.max_steps
+            flags = torch.tensor([done, converged, stopped_early], dtype=torch.float64, device=device)
+            flags = comm.broadcast(flags)
+            done, converged, stopped_early = (bool(f) for f in flags)
+            if on_eval is not None:
+                on_eval(record)
+            if done:
+                break
+
+        z.grad = grad
+        opt.step()
+        step += 1
+        opt.param_groups[0]["lr"] = cfg.lr_at(step)
+
+    if not early:
+        best_step, best_weight = step, weight.detach().clone()
+    return RefitResult(
+        weight=best_weight.cpu(),
+        history=history,
+        best_step=best_step,
+        steps_run=step,
+        stopped_early=stopped_early,
+        converged=converged,
+        seconds=time.perf_counter() - start,
+    )

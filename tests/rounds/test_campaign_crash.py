@@ -1,0 +1,146 @@
+"""A campaign survives SIGKILL between ANY two of its writes, against the real Label Studio server.
+
+Scenario: step (round 0 is selected and pushed, then waits), the bot annotator answers, step (round 0 is
+collected, trained and updated; round 1 is selected and pushed, then waits). A reference run without
+crashes counts the writes and side effects of each step (`pipeline.io.faults` checkpoints). Then, for
+every checkpoint k, a fresh campaign runs the same scenario with the step SIGKILLed right after its k-th
+checkpoint (in a subprocess), resumed by the next step. Every time, Label Studio ends up with each picked
+sample exactly once, the labels table with every answer exactly once, and the picks of both rounds are
+those of the reference run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connectors.annotator_bot import answer_open_tasks
+from connectors.label_studio import LabelStudioClient
+from jobs.annotate_bot import bot_session, read_truth
+from pipeline.io import faults
+from pipeline.rounds import campaign
+from pipeline.rounds.labels import read_rows, resolve
+from pipeline.rounds.state import RoundState, read_state
+from tests.rounds.conftest import World
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+BUDGET = 3
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _step_in_subprocess(directory: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "campaign", "step", str(directory)],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+class Scenario:
+    def __init__(self, world: World, state_dir: Path, client: LabelStudioClient, tmp: Path) -> None:
+        self.world, self.state_dir, self.client, self.tmp = world, state_dir, client, tmp
+        self.truth = read_truth(str(world.pool), "shape")
+        self.bot = bot_session(client, "crash-bot@bayescurate.local", str(state_dir))
+
+    def init(self, name: str) -> Path:
+        directory = self.tmp / name
+        cfg = self.world.config(
+            label_source="label-studio",
+            truth=None,
+            project=f"crash-{name}",
+            state_dir=str(self.state_dir),
+            budget=BUDGET,
+            max_rounds=2,
+            eval=None,
+        )
+        campaign.init(str(directory), cfg, log=lambda _: None)
+        return directory
+
+    def answer(self, name: str) -> None:
+        project = self.client.find_project(f"crash-{name}")
+        assert project is not None
+        answer_open_tasks(self.bot, self.client, project, self.truth)
+
+    def phase(self, directory: Path, kill_after: int | None = None, log: Path | None = None) -> None:
+        """One `campaign step`: in a subprocess (killed after `kill_after` checkpoints), else in-process."""
+        if kill_after is None and log is None:
+            campaign.step(str(directory), log=lambda _: None)
+            return
+        env = {faults.KILL_AFTER: str(kill_after)} if kill_after else {}
+        if log is not None:
+            env[faults.CHECKPOINT_LOG] = str(log)
+        done = _step_in_subprocess(directory, env)
+        if kill_after:
+            assert done.returncode == -signal.SIGKILL, (kill_after, done.returncode, done.stderr[-2000:])
+            campaign.step(str(directory), log=lambda _: None)  # the next tick resumes
+        else:
+            assert done.returncode == 0, done.stderr[-2000:]
+
+    def outcome(self, name: str, directory: Path) -> dict[str, object]:
+        project = self.client.find_project(f"crash-{name}")
+        assert project is not None
+        tasks = self.client.sample_ids(project)
+        rows = read_rows(str(directory))
+        state = read_state(str(directory))
+        return {
+            "tasks": sorted(tasks),
+            "duplicate_tasks": len(tasks) - len(set(tasks)),
+            "label_rows": len(rows),
+            "labels": sorted(resolve(rows, self._classes()).labels),
+            "states": [r.state for r in state.rounds],
+            "picks": [campaign.Campaign(str(directory)).picks(i) for i in range(len(state.rounds))],
+        }
+
+    def _classes(self) -> list[str]:
+        import json
+
+        return json.loads(self.world.classes.read_text())["classes"]
+
+
+@pytest.fixture(scope="module")
+def scenario(
+    campaign_world: World,
+    services_state_dir: Path,
+    label_studio_client: LabelStudioClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Scenario:
+    return Scenario(campaign_world, services_state_dir, label_studio_client, tmp_path_factory.mktemp("crash"))
+
+
+def _checkpoints(log: Path) -> list[str]:
+    return [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
+
+
+def test_a_step_killed_after_any_write_resumes_without_duplicates_or_losses(
+    scenario: Scenario, tmp_path: Path
+) -> None:
+    # The reference run, counting each phase's checkpoints.
+    ref = scenario.init("ref")
+    scenario.phase(ref, log=tmp_path / "a.log")
+    scenario.answer("ref")
+    scenario.phase(ref, log=tmp_path / "b.log")
+    expected = scenario.outcome("ref", ref)
+    assert expected["states"] == [RoundState.UPDATED, RoundState.COLLECTING]
+    assert expected["duplicate_tasks"] == 0 and len(expected["tasks"]) == 2 * BUDGET
+    assert expected["label_rows"] == BUDGET and len(expected["labels"]) == BUDGET
+    points = {"a": _checkpoints(tmp_path / "a.log"), "b": _checkpoints(tmp_path / "b.log")}
+    assert len(points["a"]) >= 5 and len(points["b"]) >= 10  # picks, images, import, push, labels, ...
+
+    for phase, names in points.items():
+        for k, where in enumerate(names, start=1):
+            name = f"{phase}{k}"
+            directory = scenario.init(name)
+            scenario.phase(directory, kill_after=k if phase == "a" else None)
+            scenario.answer(name)
+            scenario.phase(directory, kill_after=k if phase == "b" else None)
+            got = scenario.outcome(name, directory)
+            assert got == expected, f"killed after checkpoint {k} of step {phase} ({where})"
