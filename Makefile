@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 # Versions that were measured to work together on these machines (see README "Install").
 # torch and torchvision must be in the same pip call as everything else, or pip drifts to other builds.
-PINS := torch==2.14.1 torchvision==0.29.1 "mlflow==3.17.*" "ray[data,train]==2.60.*" \
+PINS := torch==2.14.1 torchvision==0.29.1 "mlflow==3.17.*" "ray[default,data,train]==2.60.*" \
         "open_clip_torch==3.3.*" "label-studio-sdk==2.1.*" "faiss-cpu==1.15.*" "pyarrow>=20,<26"
 
 PYTEST_ARGS ?=

@@ -278,7 +278,8 @@ class LabelStudioClient:
         state = read_state(state_dir)
         if state.label_studio is None:
             raise FileNotFoundError(
-                f"no Label Studio recorded in {state.state_dir}; run `bayescurate services up`"
+                f"no Label Studio recorded in {state.state_dir}; run `bayescurate services up`, or set "
+                f"{cls.URL_ENV} and {cls.TOKEN_ENV} for a server of your own"
             )
         client = cls(state.label_studio.url, state.label_studio.token(), **kwargs)
 
@@ -288,6 +289,35 @@ class LabelStudioClient:
 
         client._locate = locate
         return client
+
+    URL_ENV = "LABEL_STUDIO_URL"  # the server's base URL, e.g. http://label-studio.labelling:8080
+    TOKEN_ENV = "LABEL_STUDIO_API_KEY"  # its API token (the variable label-studio-sdk itself reads)
+
+    @classmethod
+    def env_configured(cls, environ: Mapping[str, str] | None = None) -> bool:
+        """True when both variables of `from_env` are set (non-empty)."""
+        import os
+
+        env = os.environ if environ is None else environ
+        return bool(env.get(cls.URL_ENV, "").strip() and env.get(cls.TOKEN_ENV, "").strip())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> LabelStudioClient:
+        """Client for `$LABEL_STUDIO_URL` with the token in `$LABEL_STUDIO_API_KEY`.
+
+        How a cluster pod reaches a Label Studio it did not start: both variables come from a Kubernetes
+        Secret, and no services state dir exists there. The token is never part of an error message.
+        """
+        import os
+
+        env = os.environ if environ is None else environ
+        url, token = env.get(cls.URL_ENV, "").strip(), env.get(cls.TOKEN_ENV, "").strip()
+        missing = [name for name, value in ((cls.URL_ENV, url), (cls.TOKEN_ENV, token)) if not value]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} not set: the Label Studio client needs both")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{cls.URL_ENV} must be an http(s) URL, got {url!r}")
+        return cls(url, token, **kwargs)
 
     @property
     def sdk(self) -> LabelStudio:

@@ -79,7 +79,18 @@ class Run:
             self._client.log_batch(self.run_id, metrics=entries[start : start + 1000])
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Upload a file, or a directory's contents, under `artifact_path`."""
+        """Upload a file, or a directory's contents, under `artifact_path`; `path` may be a URI (s3://)."""
+        if not storage.is_local(path):  # MLflow uploads local files: read the objects through storage
+            _, root = storage.resolve(path)
+            files = storage.list_files(path)
+            if not files:
+                raise FileNotFoundError(f"artifact {os.fspath(path)!r} does not exist or is empty")
+            base = root.rstrip("/").rsplit("/", 1)[-1]
+            for uri in files:
+                inner = storage.resolve(uri)[1]
+                rel = base if inner == root else inner[len(root) :].strip("/")
+                self.log_bytes(storage.read_bytes(uri), "/".join(p for p in (artifact_path, rel) if p))
+            return
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact {str(path)!r} does not exist")

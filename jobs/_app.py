@@ -258,7 +258,7 @@ class ConfigCommand(Generic[C]):
                 "config",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[Path | None, config_opt],
+                annotation=Annotated[str | None, config_opt],  # a path or a URI (Path would mangle s3://)
             )
         )
         command.__signature__ = inspect.Signature(positional + keyword)  # type: ignore[attr-defined]
@@ -288,3 +288,19 @@ def subcommands(
             print(f"  {name.ljust(width)}  {desc}")
         return 0 if not args or args[0] in ("-h", "--help") else 2
     return int(resolve_target(table[args[0]][0])(args[1:]))
+
+
+def config_reference(cls: type[Config]) -> str:
+    """A Markdown table of every field of `cls` (sections flattened as `section.field`): the README's
+    configuration reference, kept true by a test that compares the two."""
+    rows = ["| field | flag | default | what |", "|---|---|---|---|"]
+    for flag, help_text in config_flags(cls):
+        text, _, default = help_text.rpartition(" [")
+        if not text:
+            text, default = help_text, ""
+        default = default.rstrip("]").removeprefix("default: ") if default else ""
+        default = f"`{default}`" if default and default != "required" else (default or "—")
+        if flag.kind == "enum":
+            text += " (" + ", ".join(f"`{m.value}`" for m in flag.annotation) + ")"
+        rows.append(f"| `{'.'.join(flag.path)}` | `{flag.option}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(rows)

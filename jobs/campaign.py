@@ -1,17 +1,27 @@
-"""`bayescurate campaign init|step|run|status`: annotation campaigns, round after round.
+"""`bayescurate campaign init|step|run|status|serve`: annotation campaigns, round after round.
 
-    bayescurate campaign init   DIR --config campaign.yaml     # or flags
+    bayescurate campaign init   DIR --config campaign.yaml     # or flags; --webhook URL registers one
     bayescurate campaign step   DIR                            # advance as far as possible; idempotent
     bayescurate campaign run    DIR --rounds N [--wait]        # step until N rounds are done
     bayescurate campaign status DIR [--json]                   # rounds, label counts, metrics, waiting for
+    bayescurate campaign serve  DIR --port P                   # step on Label Studio's webhooks
 
-Exit codes: 0 (done, or waiting for answers), 2 (bad input), 3 (another step holds the campaign's lease).
+Exit codes:
+    0  progressed, done, or waiting for answers (`serve`: stopped by SIGTERM/SIGINT)
+    2  bad input, named in the message
+    3  another step holds the campaign's lease: nothing was changed
+    4  Label Studio unreachable or failing after the client's retries (`label_studio_retry_s`): the
+       failed transition changed nothing (outputs are written before `state.json`), the next step redoes it
+The webhook's shared secret comes from `$BAYESCURATE_WEBHOOK_SECRET` or `--secret-file`, never a flag value.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from pydantic import Field
@@ -22,6 +32,7 @@ from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.lease import LeaseHeld
 
 LEASE_HELD = 3
+SERVICE_UNAVAILABLE = 4
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "init": (
@@ -34,6 +45,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jobs.campaign:status_command",
         "Rounds, label counts, metrics and what the campaign waits for.",
     ),
+    "serve": (
+        "jobs.campaign:serve_command",
+        "Listen for Label Studio's annotation webhooks and step the campaign when answers arrive.",
+    ),
 }
 
 
@@ -41,6 +56,7 @@ class InitConfig(CampaignConfig):
     """A campaign to create in `dir`."""
 
     dir: str  # campaign directory (local path or URI); its name is the default Label Studio project
+    secret_file: str | None = None  # file with the webhook secret (default: $BAYESCURATE_WEBHOOK_SECRET)
 
 
 class StepConfig(Config):
@@ -67,8 +83,20 @@ class StatusConfig(Config):
     as_json: bool = Field(default=False, json_schema_extra={"flag": "json"})  # print JSON (for scripts)
 
 
+class ServeConfig(Config):
+    """Which campaign to step on webhooks, and where to listen."""
+
+    dir: str  # campaign directory
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface, e.g. in a container)
+    port: int = Field(8765, ge=0, le=65535)  # port to listen on (0: any free one, printed at start)
+    secret_file: str | None = None  # file with the shared secret (default: $BAYESCURATE_WEBHOOK_SECRET)
+    retry_s: float = Field(10.0, gt=0)  # step again this long after a step failed or found the lease held
+    interval_s: float | None = Field(None, gt=0)  # also step this often without events (default: never)
+
+
 def leased(fn):  # type: ignore[no-untyped-def]
-    """Exit code 3 with the owner's description when another step holds the lease."""
+    """Exit code 3 with the owner's description when another step holds the lease; 4 with the connector's
+    one-line message when Label Studio stayed unreachable (or kept failing) through the retries."""
 
     def wrapper(cfg):  # type: ignore[no-untyped-def]
         try:
@@ -76,17 +104,40 @@ def leased(fn):  # type: ignore[no-untyped-def]
         except LeaseHeld as held:
             print(f"busy: {held}", file=sys.stderr)
             return LEASE_HELD
+        except Exception as exc:
+            if not _unavailable(exc) or os.environ.get("BAYESCURATE_DEBUG"):
+                raise
+            print(
+                f"unavailable: {exc}; nothing was left half-done, run it again once Label Studio is back",
+                file=sys.stderr,
+            )
+            return SERVICE_UNAVAILABLE
 
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Label Studio down or failing; a refused token or a missing project is bad input instead (exit 2)."""
+    from connectors.label_studio import LabelStudioAuthError, LabelStudioError, LabelStudioNotFound
+
+    return isinstance(exc, LabelStudioError) and not isinstance(
+        exc, LabelStudioAuthError | LabelStudioNotFound
+    )
 
 
 def run_init(cfg: InitConfig) -> int:
     """Create a campaign directory: check the inputs, cache the class text features, write campaign.yaml."""
     from pipeline.rounds.campaign import init
 
-    fields = cfg.model_dump(exclude={"dir"})
-    init(cfg.dir, CampaignConfig.model_validate(fields))
+    fields = cfg.model_dump(exclude={"dir", "secret_file"})
+    campaign = CampaignConfig.model_validate(fields)
+    secret = None
+    if campaign.webhook:
+        from pipeline.rounds.serve import read_secret
+
+        secret = read_secret(cfg.secret_file)
+    init(cfg.dir, campaign, webhook_secret=secret)
     return 0
 
 
@@ -120,6 +171,57 @@ def run_status(cfg: StatusConfig) -> int:
         return 0
     print(format_status(report))
     return 0
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    """Serve Label Studio's annotation webhooks for the campaign: each event (with the shared secret) steps
+    it, one step at a time; GET /health for probes. Stops on SIGTERM or SIGINT after the running step."""
+    from pipeline.rounds.serve import HEALTH_PATH, WEBHOOK_PATH, WebhookServer, read_secret
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    secret = read_secret(cfg.secret_file)
+    server = WebhookServer(
+        cfg.dir,
+        secret,
+        host=cfg.host,
+        port=cfg.port,
+        retry_s=cfg.retry_s,
+        interval_s=cfg.interval_s,
+        log=log,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log(f"{signal.Signals(signum).name}: stopping after the running step (again: at once; it resumes)")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal ends the process now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        server.start()
+        registered = server.webhook or "none yet (campaign init DIR --webhook URL registers one)"
+        log(
+            f"campaign {cfg.dir}: Label Studio posts to {server.url}{WEBHOOK_PATH} (registered: {registered})"
+        )
+        log(f"health probes: GET {server.url}{HEALTH_PATH}")
+        while not stop.wait(0.5):
+            if not server.alive:
+                print("error: a thread of the webhook server died; see the log above", file=sys.stderr)
+                code = 1
+                break
+        server.close()
+    except KeyboardInterrupt:
+        print("stopped without waiting for the step (the next step resumes it)", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log("stopped")
+    return code
 
 
 def format_status(report: dict) -> str:
@@ -166,6 +268,7 @@ init_command = ConfigCommand(InitConfig, leased(run_init), "bayescurate campaign
 step_command = ConfigCommand(StepConfig, leased(run_step), "bayescurate campaign step", positional=("dir",))
 run_command = ConfigCommand(RunConfig, leased(run_run), "bayescurate campaign run", positional=("dir",))
 status_command = ConfigCommand(StatusConfig, run_status, "bayescurate campaign status", positional=("dir",))
+serve_command = ConfigCommand(ServeConfig, run_serve, "bayescurate campaign serve", positional=("dir",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,6 +123,12 @@ def push_tasks(
         for r in todo
     ]
     result = client.import_tasks(project, tasks)
+    if rows:  # a Data Manager tab that sorts the scores as numbers, most informative first
+        score = next(iter(rows[0].scores), "confidence")
+        numbers = (*rows[0].scores, "confidence", "rank", "round")
+        client.ensure_view(
+            project, f"most informative first ({score})", order_by=score, number_columns=numbers
+        )
     return {
         "project_id": project.id,
         "url": f"{client.url}/projects/{project.id}/data",

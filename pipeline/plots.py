@@ -70,3 +70,24 @@ def curves_png(
     ax.legend()
     fig.tight_layout()
     return _png(fig)
+
+
+def panels_png(
+    x: Sequence[float],
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    xlabel: str,
+    title: str,
+) -> bytes:
+    """One panel per metric (panel name -> {line name -> values over `x`}), side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], panels.items(), strict=True):
+        for name, ys in series.items():
+            ax.plot(list(x)[: len(ys)], list(ys), marker="o", label=name)
+        ax.set(xlabel=xlabel, ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig)

@@ -4,8 +4,9 @@
 lines Ray prints for every pipeline run whatever the run does: the core worker's "constructor arguments
 in the object store" error for every actor pool (Ray Data itself passes its map transformer by reference,
 ray-project/ray#57733: nothing a caller can change, and restarts work, as the actor-kill test shows), and
-Ray Data's "Progress bars disabled" warning (we draw our own bar). The first is written by Ray's C++ core
-straight to file descriptor 2, so it is filtered at that level; everything else passes through unchanged.
+Ray Data's "Progress bars disabled" warning (we draw our own bar) and its per-dataset INFO notes. The
+first is written by Ray's C++ core straight to file descriptor 2, so it is filtered at that level;
+everything else passes through unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ T = TypeVar("T")
 
 # Lines Ray prints on every run that carry no information for the user (see the module docstring).
 RAY_NOISE = (re.compile(rb"has constructor arguments in the object store and max_restarts > 0"),)
-RAY_QUIET_LOGGERS = ("ray.data._internal.progress",)
+# Ray Data loggers and the least level shown: its bar warning, its per-dataset "execution finished" notes.
+RAY_QUIET_LOGGERS = {
+    "ray.data._internal.progress": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+}
 
 
 def track(
@@ -129,8 +134,8 @@ def quiet_ray() -> Iterator[IO[str]]:
 
     Yields a text stream on the original stderr (a terminal keeps being one) for progress bars.
     """
-    for name in RAY_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in RAY_QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     sys.stderr.flush()
     original = os.dup(2)
     read_end, write_end = os.pipe()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it (jobs/cli.py), before torch loads
+
 import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-pytest_plugins = ["tests.fixtures_services", "tests.fixtures_ray"]
+pytest_plugins = ["tests.fixtures_services", "tests.fixtures_ray", "tests.fixtures_s3"]
 
 
 @pytest.fixture(autouse=True)

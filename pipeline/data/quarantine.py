@@ -30,8 +30,8 @@ class Reason(str, Enum):
     """Width/height/pixel count/aspect ratio outside the configured limits (read from the header only)."""
     MISSING_CAPTION = "missing_caption"
     """The row needs a caption (image–text pairs) and has none."""
-    DUPLICATE = "duplicate"
-    """A second row with a sample id already seen in the same shard."""
+    DUPLICATE = "duplicate_id"
+    """A later row with a sample id seen before in shard order, in any shard or file (the first wins)."""
 
 
 SCHEMA = pa.schema(

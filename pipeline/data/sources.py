@@ -127,14 +127,22 @@ def _plan_parquet(uri: str, rows_per_shard: int) -> list[Shard]:
     return shards
 
 
+def _folder_root(uri: str) -> str:
+    """The folder as `storage.list_files` names its files: an absolute local path, or `scheme://path`."""
+    fs, root = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return root
+    return f"{os.fspath(uri).split('://', 1)[0]}://{root}"
+
+
 def _folder_images(uri: str) -> list[str]:
-    _, root = storage.resolve(uri)
+    root = _folder_root(uri)
     files = storage.list_files(uri)
     return [f[len(root) :].lstrip("/") for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _plan_folder(uri: str, rows_per_shard: int) -> list[Shard]:
-    _, root = storage.resolve(uri)
+    root = _folder_root(uri)
     n = len(_folder_images(uri))
     return [
         Shard(f"00000-{start:09d}", CorpusFormat.FOLDER.value, root, start, stop, root)
@@ -211,10 +219,9 @@ def _read_uri(uri: str, root: str) -> tuple[bytes | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _read_parquet(shard: Shard) -> list[dict[str, Any]]:
-    fs, path = storage.resolve(shard.path)
-    pf = pq.ParquetFile(path, filesystem=fs)
-    # Read only the row groups that overlap [start, stop), then slice: memory stays one shard.
+def _shard_rows(pf: pq.ParquetFile, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet shard, reading only the row groups that overlap them: memory stays
+    one shard."""
     groups, first_row, offset = [], None, 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -222,7 +229,13 @@ def _read_parquet(shard: Shard) -> list[dict[str, Any]]:
             groups.append(g)
             first_row = offset if first_row is None else first_row
         offset += n
-    table = pf.read_row_groups(groups).slice(shard.start - (first_row or 0), shard.rows)
+    return pf.read_row_groups(groups, columns=columns).slice(shard.start - (first_row or 0), shard.rows)
+
+
+def _read_parquet(shard: Shard) -> list[dict[str, Any]]:
+    fs, path = storage.resolve(shard.path)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    table = _shard_rows(pf, shard)
     names = table.column_names
     id_col, img_col = _first(ID_COLUMNS, names), _first(IMAGE_COLUMNS, names)
     path_col, cap_col = _first(PATH_COLUMNS, names), _first(CAPTION_COLUMNS, names)
@@ -272,10 +285,9 @@ def _is_scalar(t: pa.DataType) -> bool:
 
 def _folder_captions(root: str) -> dict[str, dict[str, Any]]:
     """File name -> {caption, sample_id?, labels...} from `captions.jsonl` or `captions.csv`, if present."""
-    fs = pafs.LocalFileSystem() if "://" not in root else storage.resolve(root)[0]
     out: dict[str, dict[str, Any]] = {}
     jsonl, csv_path = f"{root}/captions.jsonl", f"{root}/captions.csv"
-    if fs.get_file_info(jsonl).type == pafs.FileType.File:
+    if storage.is_file(jsonl):
         for line_no, line in enumerate(storage.read_text(jsonl).splitlines(), 1):
             if not line.strip():
                 continue
@@ -286,7 +298,7 @@ def _folder_captions(root: str) -> dict[str, dict[str, Any]]:
             if "file" not in record:
                 raise ValueError(f"{jsonl}:{line_no} has no 'file' field")
             out[str(record.pop("file"))] = record
-    elif fs.get_file_info(csv_path).type == pafs.FileType.File:
+    elif storage.is_file(csv_path):
         for record in csv.DictReader(io.StringIO(storage.read_text(csv_path))):
             if "file" not in record:
                 raise ValueError(f"{csv_path} has no 'file' column")
@@ -353,6 +365,61 @@ def _read_webdataset(shard: Shard) -> list[dict[str, Any]]:
                 row["cls"] = read("cls").decode("utf-8", "replace").strip()
             rows.append(row)
     return rows
+
+
+def shard_ids(shard: Shard) -> list[str]:
+    """The sample ids of a shard's rows, in row order, exactly as `read_shard` gives them.
+
+    Reads only the ids where the input names them all (a Parquet id column, `sample_id` in a folder's
+    captions file, WebDataset keys and `.json` members); otherwise, where some ids are content hashes,
+    the whole shard.
+    """
+    fmt = CorpusFormat(shard.format)
+    if fmt is CorpusFormat.PARQUET:
+        fs, path = storage.resolve(shard.path)
+        pf = pq.ParquetFile(path, filesystem=fs)
+        id_col = _first(ID_COLUMNS, pf.schema_arrow.names)
+        if id_col is not None:
+            values = _shard_rows(pf, shard, [id_col]).column(id_col).to_pylist()
+            if None not in values:
+                return [str(v) for v in values]
+    elif fmt is CorpusFormat.FOLDER:
+        captions = _folder_captions(shard.root)
+        given = [
+            captions.get(rel, {}).get("sample_id")
+            for rel in _folder_images(shard.path)[shard.start : shard.stop]
+        ]
+        if None not in given:
+            return [str(v) for v in given]
+    else:
+        ids = _webdataset_ids(shard)
+        if ids is not None:
+            return ids
+    return [str(v) for v in read_shard(shard).column("sample_id").to_pylist()]
+
+
+def _webdataset_ids(shard: Shard) -> list[str] | None:
+    """Keys, or the `sample_id` of a `.json` member (read alone), as `_read_webdataset` decides them; None
+    when a `.json` member sets `sample_id` to null (the row's id is then a content hash)."""
+    samples = _tar_samples(shard.path)
+    keys = sorted(samples)[shard.start : shard.stop]
+    if not any("json" in samples[k] for k in keys):
+        return keys
+    fs, p = storage.resolve(shard.path)
+    ids = []
+    with fs.open_input_file(p) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for key in keys:
+            meta: Any = {}
+            if "json" in samples[key]:
+                handle = tar.extractfile(samples[key]["json"])
+                try:
+                    meta = json.loads(handle.read() if handle is not None else b"")
+                except json.JSONDecodeError:
+                    meta = {}
+            if isinstance(meta, dict) and "sample_id" in meta and meta["sample_id"] is None:
+                return None
+            ids.append(str(meta["sample_id"]) if isinstance(meta, dict) and "sample_id" in meta else key)
+    return ids
 
 
 def count_rows(shards: list[Shard]) -> int:

@@ -18,6 +18,12 @@ CHECKPOINT_LOG = "BAYESCURATE_CHECKPOINT_LOG"
 _count = 0
 
 
+def reset() -> None:
+    """Start counting checkpoints from zero (a forked test process that crashes itself)."""
+    global _count
+    _count = 0
+
+
 def checkpoint(name: str) -> None:
     """Record that a write or side effect named `name` has completed (see the module docstring)."""
     global _count

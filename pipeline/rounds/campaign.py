@@ -39,7 +39,7 @@ from pipeline.rounds import lease
 from pipeline.rounds.config import CampaignConfig, Trainer
 from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
 from pipeline.rounds.evaluation import evaluate
-from pipeline.rounds.sources import Source, make_source
+from pipeline.rounds.sources import LabelStudioSource, Source, make_source
 from pipeline.rounds.state import (
     CONFIG_FILE,
     STATE_FILE,
@@ -80,8 +80,18 @@ def _config_yaml(cfg: CampaignConfig) -> str:
 # ---------------------------------------------------------------------------------------------- init
 
 
-def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState:
-    """Create the campaign directory (idempotent for the same config; refused for another one)."""
+def init(
+    directory: str, cfg: CampaignConfig, log: Log = print, *, webhook_secret: str | None = None
+) -> CampaignState:
+    """Create the campaign directory (idempotent for the same config; refused for another one).
+
+    With `cfg.webhook`, Label Studio's project posts its annotation events there (`campaign serve`) with
+    `webhook_secret` (default: `$BAYESCURATE_WEBHOOK_SECRET`); a re-run updates that one webhook in place.
+    """
+    if cfg.webhook and webhook_secret is None:
+        from pipeline.rounds.serve import read_secret
+
+        webhook_secret = read_secret()  # before anything is created
     if storage.is_file(storage.join(directory, STATE_FILE)):
         existing = read_config(directory)
         if existing != cfg:
@@ -89,6 +99,10 @@ def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState
                 f"{directory!r} is a campaign with another configuration; use a new directory "
                 "(or edit its campaign.yaml by hand, knowing what it changes)"
             )
+        if cfg.webhook:
+            cache = read_cache(directory)
+            source = make_source(cfg, cache.classes, directory, cache.label_column)
+            _register_webhook(source, cfg.webhook, webhook_secret, log)
         log(f"campaign {directory} exists with this configuration: nothing to do")
         return read_state(directory)
     with lease.acquire(directory, "campaign init"):
@@ -102,7 +116,10 @@ def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState
         baseline: dict[str, Any] = {}
         if cfg.eval:
             baseline, _ = campaign.evaluate(cache.head(cfg.posterior))
-        make_source(cfg, cache.classes, directory, cache.label_column).check()
+        source = make_source(cfg, cache.classes, directory, cache.label_column)
+        source.check()
+        if cfg.webhook:
+            _register_webhook(source, cfg.webhook, webhook_secret, log)
         storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
         parent = campaign.tracker.parent()
         state = write_state(directory, CampaignState(mlflow_run_id=parent, baseline=baseline))
@@ -112,6 +129,19 @@ def init(directory: str, cfg: CampaignConfig, log: Log = print) -> CampaignState
             f"{start['posterior_id']}, labels from {cfg.label_source.value}"
         )
         return state
+
+
+def _register_webhook(source: Source, url: str, secret: str | None, log: Log) -> None:
+    """The project's one webhook to `url` (`campaign serve`), carrying the shared secret; idempotent."""
+    from pipeline.rounds.serve import SECRET_HEADER, TRIGGERS
+
+    if not isinstance(source, LabelStudioSource) or not secret:
+        raise ValueError(f"webhook {url!r} needs the label-studio label source and a shared secret")
+    project = source.ensure_project()
+    hook = source.client.ensure_webhook(
+        project, url, actions=tuple(TRIGGERS), headers={SECRET_HEADER: secret}
+    )
+    log(f"webhook {hook} of Label Studio project {project.title!r}: annotation events go to {url}")
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -134,7 +164,7 @@ class Campaign:
         self.directory = directory
         self.cfg = cfg or read_config(directory)
         self.cache = cache or read_cache(directory)
-        self.name = campaign_name(directory)
+        self.name = self.cfg.project or campaign_name(directory)
         self.start_info = read_info(self.cfg.posterior)
         self.tracker = CampaignTracker(self.cfg, self.name)
         self._rows: dict[str, Rows] = {}
@@ -525,10 +555,12 @@ def step(
             if current is None or current.state is RoundState.UPDATED:
                 if target is not None and state.completed >= target:
                     report.finished = f"{state.completed} rounds done"
+                    campaign.tracker.finish_campaign(state.mlflow_run_id)
                     break
                 state, why = campaign.select(state, len(state.rounds))
                 if why is not None:
                     report.finished = why
+                    campaign.tracker.finish_campaign(state.mlflow_run_id)
                     break
                 _did(report, log, f"round {len(state.rounds) - 1}: selected {state.rounds[-1].picks} samples")
             elif current.state is RoundState.SELECTED:
@@ -652,7 +684,7 @@ def status(directory: str) -> dict[str, Any]:
         )
     elif current is not None and current.state is RoundState.SELECTED:
         waiting = f"round {current.index}: picks chosen, tasks not pushed yet (the next step pushes them)"
-    tracker = CampaignTracker(cfg, campaign_name(directory)) if cfg.tracking else None
+    tracker = CampaignTracker(cfg, cfg.project or campaign_name(directory)) if cfg.tracking else None
     return {
         "directory": directory,
         "label_source": cfg.label_source.value,

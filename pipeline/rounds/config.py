@@ -56,8 +56,11 @@ class CampaignConfig(TrackedConfig):
         default=LabelSource.LABEL_STUDIO, validation_alias=AliasChoices("label_source", "labels", "source")
     )  # where labels come from
     project: str | None = None  # Label Studio project (default: the campaign directory's name)
-    state_dir: str | None = None  # services state dir with the Label Studio URL and token (default ./.state)
+    state_dir: str | None = None  # services state dir with Label Studio's URL, token (else $LABEL_STUDIO_URL)
+    image_root: str | None = None  # Label Studio's local-files root if writable here (default: the services')
     inline_max_bytes: int = 0  # images up to this size are inlined into tasks instead of referenced
+    webhook: str | None = None  # `campaign serve` URL for Label Studio's events (init registers the webhook)
+    label_studio_retry_s: float = Field(120.0, gt=0)  # seconds a Label Studio request retries outages and 5xx
     truth: str | None = Field(
         default=None, validation_alias=AliasChoices("truth", "oracle", "truth_uri")
     )  # oracle: Parquet file or folder with sample_id and the label column
@@ -76,4 +79,9 @@ class CampaignConfig(TrackedConfig):
     def _check(self) -> CampaignConfig:
         if self.label_source is LabelSource.ORACLE and not self.truth:
             raise ValueError("the oracle label source needs `truth`: a Parquet URI with sample_id and labels")
+        if self.webhook and self.label_source is not LabelSource.LABEL_STUDIO:
+            raise ValueError(
+                f"`webhook` {self.webhook!r} needs the label-studio label source (labels come from "
+                f"{self.label_source.value})"
+            )
         return self

@@ -208,8 +208,13 @@ class Resolution:
 
     def digest(self) -> str:
         """SHA-256 of the resolved (sample_id, label) pairs: what a re-fit learns from."""
-        text = "".join(f"{sid}\t{r.label}\n" for sid, r in sorted(self.labels.items()))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return digest((sid, r.label) for sid, r in self.labels.items())
+
+
+def digest(pairs: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 of (sample_id, label) pairs, in any order: the identity of a set of labels."""
+    text = "".join(f"{sid}\t{label}\n" for sid, label in sorted(pairs))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resolve(rows: Iterable[Annotation], classes: Sequence[str]) -> Resolution:

@@ -51,18 +51,27 @@ class LabelStudioSource:
     classes: Sequence[str]
     state_dir: str | None = None
     inline_max_bytes: int = 0
+    retry_for: float = 120.0  # seconds a request retries connection errors and 5xx before it fails
+    image_root: str | None = None  # Label Studio's local-files root, when this machine writes into it
     name: str = LabelSource.LABEL_STUDIO.value
 
     def __post_init__(self) -> None:
         self._client: Any = None
         self._project: Any = None
+        self._from_env = False
 
     @property
     def client(self) -> Any:
+        """The campaign's `state_dir` when it names one; else `$LABEL_STUDIO_URL` + `$LABEL_STUDIO_API_KEY`
+        when both are set (a cluster pod, from a Secret); else the local `bayescurate services` state."""
         if self._client is None:
             from connectors.label_studio import LabelStudioClient
 
-            self._client = LabelStudioClient.from_services(self.state_dir)
+            if self.state_dir is None and LabelStudioClient.env_configured():
+                self._client = LabelStudioClient.from_env(retry_for=self.retry_for)
+                self._from_env = True
+            else:
+                self._client = LabelStudioClient.from_services(self.state_dir, retry_for=self.retry_for)
         return self._client
 
     def ensure_project(self) -> Any:
@@ -75,9 +84,12 @@ class LabelStudioSource:
     ) -> dict[str, Any]:
         from connectors.service_state import read_state
 
-        ls = read_state(self.state_dir).label_studio
-        store = ImageStore(Path(ls.image_root) if ls else None, self.inline_max_bytes)
         self.ensure_project()
+        root = self.image_root
+        if root is None and not self._from_env:  # the local services' root; a remote server's is unknown
+            ls = read_state(self.state_dir).label_studio
+            root = ls.image_root if ls else None
+        store = ImageStore(Path(root) if root else None, self.inline_max_bytes)
         return push_tasks(
             self.client, self.project, self.classes, rows, sources, store, model_version=model_version
         )
@@ -182,4 +194,11 @@ def make_source(
             raise ValueError("the oracle needs `truth_column` (the classes file names no label column)")
         return OracleSource(str(cfg.truth), column)
     project = cfg.project or storage.resolve(directory)[1].rstrip("/").rsplit("/", 1)[-1]
-    return LabelStudioSource(project, list(classes), cfg.state_dir, cfg.inline_max_bytes)
+    return LabelStudioSource(
+        project,
+        list(classes),
+        cfg.state_dir,
+        cfg.inline_max_bytes,
+        retry_for=cfg.label_studio_retry_s,
+        image_root=cfg.image_root,
+    )

@@ -46,9 +46,14 @@ class CampaignTracker:
             return None
         params = self.cfg.model_dump(mode="json", exclude={"tracking", "tracking_uri", "experiment"})
         run = self.tracker.open_run(
-            f"campaign {self.name}", params=params, tags={"bayescurate.kind": "campaign"}
+            f"campaign: {self.name}", params=params, tags={"bayescurate.kind": "campaign"}
         )
         return run.run_id
+
+    def finish_campaign(self, parent: str | None) -> None:
+        """Mark the campaign's run finished (its rounds are done); a later round re-opens it."""
+        if self.tracker is not None and parent is not None:
+            self.tracker.finish(parent)
 
     def round_run(self, parent: str | None, index: int, params: dict[str, Any]) -> str | None:
         if self.tracker is None:

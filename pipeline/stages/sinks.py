@@ -4,13 +4,15 @@
 file metadata names the posterior and model) + `quarantine/part-<shard>.parquet`.
 `FactorSink`: `part-<shard>.{image,text}.safetensors` (KronFactors of the shard) + quarantine.
 Markers carry the per-shard counts, so the final report (and the provenance) is the sum over markers.
+Rows whose sample id an earlier row of the corpus carries (the plan's verdicts, `Ledger.repeats`) are
+quarantined as duplicates by both sinks, so they reach neither the embeddings nor the factors.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,7 @@ from pipeline.stages.embed import (
     VAR,
 )
 from pipeline.stages.factors import factor_path, shard_factors
-from pipeline.stages.shards import Ledger
+from pipeline.stages.shards import Ledger, Repeat
 
 META_KEY = b"bayescurate"
 INTERNAL = {
@@ -59,22 +61,27 @@ INTERNAL = {
 }
 
 
-def split_verdicts(rows: Batch) -> tuple[Batch, pa.Table]:
-    """(usable rows, quarantine table): rows not ok and repeated sample ids of the shard go to the latter."""
+def split_verdicts(rows: Batch, repeats: Mapping[int, Repeat] | None = None) -> tuple[Batch, pa.Table]:
+    """(usable rows, quarantine table) of one complete shard.
+
+    Quarantined: rows a stage found unusable, and duplicates: the rows `repeats` names (by `ROW`: the
+    plan's verdicts across shards and files) and any row whose sample id an earlier row of the shard has.
+    The first occurrence wins whatever becomes of it, so a duplicate is quarantined as one even when it
+    would not have decoded.
+    """
     ok = np.asarray(rows[OK], dtype=bool).copy()
     reasons = [str(r) for r in rows[REASON]]
     errors = [str(e) for e in rows[ERROR]]
     ids = [str(s) for s in rows["sample_id"]]
+    positions = np.asarray(rows[ROW], dtype=np.int64) if ROW in rows else np.arange(len(ids))
+    repeats = repeats or {}
     seen: set[str] = set()
     for i, sid in enumerate(ids):
-        if ok[i] and sid in seen:
-            ok[i], reasons[i], errors[i] = (
-                False,
-                quarantine.Reason.DUPLICATE.value,
-                f"sample id {sid!r} repeated",
-            )
-        elif ok[i]:
-            seen.add(sid)
+        repeat = repeats.get(int(positions[i]))
+        if repeat is not None or sid in seen:
+            ok[i], reasons[i] = False, quarantine.Reason.DUPLICATE.value
+            errors[i] = repeat.note() if repeat is not None else f"sample id {sid!r} repeated in its shard"
+        seen.add(sid)
     bad = np.flatnonzero(~ok)
     sources = rows.get("source", np.array([""] * len(ok), dtype=object))
     table = quarantine.table(
@@ -109,7 +116,7 @@ class EmbeddingSink(_QuarantiningSink):
         self.metadata = {META_KEY: json.dumps(metadata, sort_keys=True, default=str).encode()}
 
     def __call__(self, shard_id: str, rows: Batch) -> dict[str, Any]:
-        good, bad = split_verdicts(rows)
+        good, bad = split_verdicts(rows, self.ledger.repeats(shard_id))
         columns: dict[str, pa.Array] = {"sample_id": _string_column(good["sample_id"])}
         for name in (MEAN, VAR, ACTS):
             if name in good:
@@ -150,7 +157,7 @@ class FactorSink(_QuarantiningSink):
         self.results: list[Any] = []
 
     def __call__(self, shard_id: str, rows: Batch) -> None:
-        good, bad = split_verdicts(rows)
+        good, bad = split_verdicts(rows, self.ledger.repeats(shard_id))
         keep = {k: v for k, v in good.items() if k in (OK, ROW, IMAGE_ACTS, IMAGE_EMB, TEXT_ACTS, TEXT_EMB)}
         info = {"rows": len(rows[OK]), "ok": len(good[OK]), "quarantined": self._quarantine(shard_id, bad)}
         self.results.append(self.submit(self.out, shard_id, keep, self.params, info))

@@ -1,5 +1,5 @@
-"""The demo end to end against the real services: world -> posterior -> embeddings -> calibration ->
-targeted EPIG -> Label Studio tasks, all logged to MLflow; a rerun adds nothing."""
+"""The demo end to end against the real services: world -> posterior -> embeddings -> calibration -> a
+campaign of rounds through Label Studio (bot annotator), Ray Train and MLflow; a rerun adds nothing."""
 
 from __future__ import annotations
 
@@ -12,58 +12,76 @@ from mlflow.tracking import MlflowClient
 
 from connectors.label_studio import LabelStudioClient
 from jobs import demo
+from pipeline.artifacts.posterior import read_info
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.services]
 
-BUDGET = 8
+BUDGET, ROUNDS = 4, 2
 
 
-def test_demo_round_reaches_label_studio_and_mlflow_and_reruns_idempotently(
+def test_demo_campaign_reaches_label_studio_and_mlflow_and_reruns_idempotently(
     tmp_path: Path,
     services_state_dir: Path,
     mlflow_server: str,
     label_studio_client: LabelStudioClient,
     ray_session: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--state-dir", str(services_state_dir)]
-    argv += ["--pool", "300", "--pairs", "512", "--budget", str(BUDGET)]
+    argv = ["--out", str(out), "--state-dir", str(services_state_dir), "--pool", "300", "--pairs", "512"]
+    argv += ["--targets", "60", "--eval", "80", "--budget", str(BUDGET), "--rounds", str(ROUNDS)]
     assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| round | labels | accuracy MAP / Bayes |" in printed and "| 1 | 8 |" in printed
 
-    # Label Studio: exactly the selected samples, each with the model's prediction and its uncertainty.
-    selection = pq.read_table(out / "selection" / "selection.parquet").to_pylist()
-    chosen = {row["sample_id"] for row in selection}
-    assert len(chosen) == BUDGET
+    # Label Studio: exactly the picks of both rounds, each once, each with the round's posterior as the
+    # prediction's model version, numeric scores and the image by reference.
+    picks = {
+        r: pq.read_table(out / f"campaign/rounds/{r:03d}/picks.parquet").to_pylist() for r in range(ROUNDS)
+    }
     project = label_studio_client.find_project("bayescurate-demo")
     assert project is not None
+    tasks = label_studio_client.sample_ids(project)
+    assert sorted(tasks) == sorted(p["sample_id"] for rows in picks.values() for p in rows)
     ids = label_studio_client.task_ids(project)
-    assert set(ids) == chosen
-    classes = json.loads((out / "world/pairs/classes/shape.json").read_text())["classes"]
-    task = label_studio_client.sdk.tasks.get(id=ids[selection[0]["sample_id"]])
-    assert task.data["predicted"] == selection[0]["predicted"] and task.data["predicted"] in classes
-    assert task.data["epig"] == float(f"{selection[0]['score']:.4g}")  # numeric, rounded for people
-    # Images by reference (staged under Label Studio's local-files root), not inlined into its database.
-    assert task.data["image"].startswith("/data/local-files/?d=")
-    posterior_id = json.loads((out / "posterior" / "posterior.json").read_text())["posterior_id"]
-    assert [p.model_version for p in task.predictions] == [posterior_id]
-    # Targeted selection draws from the candidates near the (blurred) targets.
-    report = json.loads((out / "selection" / "selection.json").read_text())
-    assert report["targets"] == 200 and BUDGET <= report["candidates"] <= report["pool"]
+    versions = {
+        0: read_info(out / "posterior")["posterior_id"],
+        1: read_info(out / "campaign/rounds/000/posterior")["posterior_id"],
+    }
+    for r, rows in picks.items():
+        task = label_studio_client.sdk.tasks.get(id=ids[rows[0]["sample_id"]])
+        assert task.data["epig"] == float(f"{rows[0]['score']:.4g}")  # numeric, rounded for people
+        assert task.data["image"].startswith("/data/local-files/?d=")
+        assert task.data["predicted"] == rows[0]["predicted"] and task.data["round"] == r
+        assert [p.model_version for p in task.predictions] == [versions[r]]
+    # Targeted selection drew from the blurred half of the pool more than the clean half.
+    domains = [p["domain"] for rows in picks.values() for p in rows]
+    assert domains.count("blur") > domains.count("clean")
 
     # The corrupt pool files were quarantined, not lost and not embedded.
     quarantined = pq.read_table(out / "embeddings/pool/quarantine").num_rows
     embedded = sum(pq.read_table(p).num_rows for p in (out / "embeddings/pool").glob("part-*.parquet"))
     assert quarantined >= 1 and quarantined + embedded == 300
 
-    # MLflow: the posterior fit and the zero-shot calibration, with MAP and Bayes metrics side by side.
+    # The campaign: both rounds trained with Ray Train and updated, evaluated on the target domain.
+    state = json.loads((out / "campaign/state.json").read_text())
+    assert [r["state"] for r in state["rounds"]] == ["updated"] * ROUNDS
+    assert all(r["train"]["trainer"] == "ray" for r in state["rounds"])
+    assert [r["labels_used"] for r in state["rounds"]] == [BUDGET, 2 * BUDGET]
+
+    # MLflow: the posterior fit, the zero-shot calibration and the campaign with a run per round.
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("bayescurate-demo")
     assert experiment is not None
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert {"fit-posterior", "zeroshot"} <= set(runs)
-    metrics = runs["zeroshot"].data.metrics
-    assert {"map_ece", "bayes_ece", "map_nll", "bayes_nll", "map_accuracy", "bayes_accuracy"} <= set(metrics)
+    assert {"fit-posterior", "zeroshot", "campaign: bayescurate-demo", "round-000", "round-001"} <= set(runs)
+    assert {"map_ece", "bayes_ece", "map_nll", "bayes_nll"} <= set(runs["zeroshot"].data.metrics)
+    parent = runs["campaign: bayescurate-demo"].info.run_id
+    assert runs["round-001"].data.tags["mlflow.parentRunId"] == parent
+    assert "active_learning.png" in {a.path for a in client.list_artifacts(parent)}
 
     # A rerun skips completed work and creates no duplicate task.
+    before = (out / "campaign/state.json").read_text()
     assert demo.main(argv) == 0
-    assert label_studio_client.task_ids(project) == ids
+    assert label_studio_client.sample_ids(project) == tasks
+    assert json.loads((out / "campaign/state.json").read_text())["rounds"] == json.loads(before)["rounds"]

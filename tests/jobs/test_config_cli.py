@@ -208,3 +208,11 @@ def test_sections_nest_in_yaml_and_flatten_on_the_command_line(tmp_path: Path) -
     cfg = command.parse(["--config", str(config), "--labels-column", "colour"])
     assert cfg.labels == Inner(source="label-studio", column="colour") and cfg.name == "x"
     assert load_config(Outer, config, labels={"column": None}).labels.column == "shape"
+
+
+def test_the_readme_campaign_reference_lists_every_field_as_the_config_has_it() -> None:
+    from jobs._app import config_reference
+    from pipeline.rounds.config import CampaignConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config_reference(CampaignConfig) in readme, "regenerate the table with jobs._app.config_reference"

@@ -7,23 +7,31 @@ every checkpoint k, a fresh campaign runs the same scenario with the step SIGKIL
 checkpoint (in a subprocess), resumed by the next step. Every time, Label Studio ends up with each picked
 sample exactly once, the labels table with every answer exactly once, and the picks of both rounds are
 those of the reference run.
+
+The reference run steps through the CLI in real subprocesses (`python -m jobs.cli campaign step`); the
+crashed steps are forked children of the test process (torch and the data already loaded: a second each
+instead of a fresh interpreter), killed by the same checkpoint hook.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from connectors.annotator_bot import answer_open_tasks
 from connectors.label_studio import LabelStudioClient
 from jobs.annotate_bot import bot_session, read_truth
 from pipeline.io import faults
 from pipeline.rounds import campaign
+from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.labels import read_rows, resolve
 from pipeline.rounds.state import RoundState, read_state
 from tests.rounds.conftest import World
@@ -45,15 +53,31 @@ def _step_in_subprocess(directory: Path, env: dict[str, str]) -> subprocess.Comp
     )
 
 
+def _step_killed_after(directory: Path, k: int) -> None:
+    """`campaign.step` in a forked child that SIGKILLs itself right after its k-th checkpoint."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork
+            faults.reset()
+            os.environ[faults.KILL_AFTER] = str(k)
+            campaign.step(str(directory), log=lambda _: None)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
+
+
 class Scenario:
     def __init__(self, world: World, state_dir: Path, client: LabelStudioClient, tmp: Path) -> None:
         self.world, self.state_dir, self.client, self.tmp = world, state_dir, client, tmp
         self.truth = read_truth(str(world.pool), "shape")
         self.bot = bot_session(client, "crash-bot@bayescurate.local", str(state_dir))
 
-    def init(self, name: str) -> Path:
-        directory = self.tmp / name
-        cfg = self.world.config(
+    def config(self, name: str) -> CampaignConfig:
+        return self.world.config(
             label_source="label-studio",
             truth=None,
             project=f"crash-{name}",
@@ -62,7 +86,16 @@ class Scenario:
             max_rounds=2,
             eval=None,
         )
-        campaign.init(str(directory), cfg, log=lambda _: None)
+
+    def init(self, name: str) -> Path:
+        """A fresh campaign with its own Label Studio project: `campaign init` once, copies after that
+        (the same directory with another project name: init's checks need not run 32 times)."""
+        directory = self.tmp / name
+        template = self.tmp / "template"
+        if not template.exists():
+            campaign.init(str(template), self.config("template"), log=lambda _: None)
+        shutil.copytree(template, directory)
+        (directory / "campaign.yaml").write_text(yaml.safe_dump(self.config(name).model_dump(mode="json")))
         return directory
 
     def answer(self, name: str) -> None:
@@ -71,19 +104,16 @@ class Scenario:
         answer_open_tasks(self.bot, self.client, project, self.truth)
 
     def phase(self, directory: Path, kill_after: int | None = None, log: Path | None = None) -> None:
-        """One `campaign step`: in a subprocess (killed after `kill_after` checkpoints), else in-process."""
-        if kill_after is None and log is None:
-            campaign.step(str(directory), log=lambda _: None)
-            return
-        env = {faults.KILL_AFTER: str(kill_after)} if kill_after else {}
+        """One `campaign step`: through the CLI in a subprocess counting its checkpoints (`log`), in a forked
+        child SIGKILLed after `kill_after` checkpoints and then resumed, or in-process."""
         if log is not None:
-            env[faults.CHECKPOINT_LOG] = str(log)
-        done = _step_in_subprocess(directory, env)
-        if kill_after:
-            assert done.returncode == -signal.SIGKILL, (kill_after, done.returncode, done.stderr[-2000:])
+            done = _step_in_subprocess(directory, {faults.CHECKPOINT_LOG: str(log)})
+            assert done.returncode == 0, done.stderr[-2000:]
+        elif kill_after is not None:
+            _step_killed_after(directory, kill_after)
             campaign.step(str(directory), log=lambda _: None)  # the next tick resumes
         else:
-            assert done.returncode == 0, done.stderr[-2000:]
+            campaign.step(str(directory), log=lambda _: None)
 
     def outcome(self, name: str, directory: Path) -> dict[str, object]:
         project = self.client.find_project(f"crash-{name}")

@@ -92,3 +92,21 @@ def test_no_early_stopping_below_ten_rows_and_bad_labels_fail_first() -> None:
     bad.labels[3] = problems.C
     with pytest.raises(ValueError, match=r"label 4 at row 3 is outside \[0, 4\)"):
         refit_local(prior, problems.world()[1], problems.SCALE, 0.0, bad, RefitConfig())
+
+
+def test_the_written_out_adam_is_torch_adam() -> None:
+    """Same moments, bias correction and step as `torch.optim.Adam` with its defaults (float64, exact)."""
+    from pipeline.train.loop import Adam
+
+    g = torch.Generator().manual_seed(3)
+    ours = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    theirs = ours.clone().requires_grad_(True)
+    adam, reference = Adam(ours), torch.optim.Adam([theirs], lr=0.1)
+    for step in range(25):
+        grad = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        lr = 0.1 * (1 - step / 30)
+        adam.step(ours, grad, lr)
+        reference.param_groups[0]["lr"] = lr
+        theirs.grad = grad.clone()
+        reference.step()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-14, atol=1e-15)
