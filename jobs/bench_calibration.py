@@ -204,7 +204,8 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else math.nan
 
 
-METRICS = ("accuracy", "ece", "nll", "brier", "auroc_entropy_error")
+# Mean confidence next to accuracy: whether MAP is over- or under-confident decides what Bayes can fix.
+METRICS = ("accuracy", "mean_confidence", "ece", "nll", "brier", "auroc_entropy_error")
 
 
 def summary_markdown(doc: dict[str, Any]) -> str:
@@ -223,14 +224,14 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         "## τ = 1: in-domain and shifted (mean over the shifted domains at each severity)",
         "",
     ]
-    header = "| task | test set | predictive | acc | ECE | NLL | Brier | AUROC |"
+    header = "| task | test set | predictive | acc | conf | ECE | NLL | Brier | AUROC |"
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in reference:
         where = "clean" if r["domain"] == "clean" else f"shift s={r['severity']}"
         groups[(r["task"], where, r["predictive"])].append(r)
         if r["domain"] != "clean":
             groups[(r["task"], "shift all", r["predictive"])].append(r)
-    lines += [header, "|" + "---|" * 8]
+    lines += [header, "|" + "---|" * 9]
     sets = (
         ["clean"]
         + [f"shift s={s}" for s in cfg["severities"]]
@@ -272,8 +273,8 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         "",
         "## Full grid (τ = 1)",
         "",
-        "| task | domain | sev | predictive | acc | ECE | NLL | Brier | AUROC |",
-        "|" + "---|" * 9,
+        "| task | domain | sev | predictive | acc | conf | ECE | NLL | Brier | AUROC |",
+        "|" + "---|" * 10,
     ]
     for r in reference:
         vals = " | ".join(f"{r[m]:.4f}" for m in METRICS)

@@ -7,7 +7,7 @@ from pipeline.models.pretrain import PretrainConfig
 
 
 def run(cfg: PretrainConfig) -> int:
-    """Train the tiny CLIP contrastively and write the checkpoint, tokenizer vocabulary and model card."""
+    """Train the tiny CLIP (CLIP's hard-target loss, learned clamped temperature) and write the checkpoint."""
     from pipeline.models.pretrain import train_tiny
 
     train_tiny(cfg)

@@ -33,6 +33,7 @@ from pipeline.annotation import TaskRow
 from pipeline.artifacts.posterior import Lineage, read_info, write_posterior
 from pipeline.bayes.online import labelled_factors, updated_posterior
 from pipeline.classes import read_classes
+from pipeline.flows.select import selection_table
 from pipeline.io import faults, storage, tensors
 from pipeline.rounds import labels as labels_table
 from pipeline.rounds import lease
@@ -269,21 +270,13 @@ class Campaign:
         run_id = self.tracker.round_run(state.mlflow_run_id, index, params)
         columns = remaining.rows.columns
         by_id = {sid: i for i, sid in enumerate(remaining.rows.sample_ids)}
-        table = {
-            "sample_id": [p.sample_id for p in picks],
-            "rank": pa.array([p.rank for p in picks], pa.int32()),
-            "score": pa.array([p.score for p in picks], pa.float64()),
-            "predicted": [p.predicted for p in picks],
-            "confidence": pa.array([p.confidence for p in picks], pa.float64()),
-            "entropy": pa.array([p.entropy for p in picks], pa.float64()),
-            "round": pa.array([index] * len(picks), pa.int32()),
-        }
+        table = selection_table(picks, index)
         for name in ("source", cfg.domain_column):
             if name in columns:
-                table[name] = [columns[name][by_id[p.sample_id]] for p in picks]
-        storage.write_parquet(
-            pa.table(table), storage.join(round_dir(self.directory, index), "picks.parquet")
-        )
+                table = table.append_column(
+                    name, pa.array([columns[name][by_id[p.sample_id]] for p in picks])
+                )
+        storage.write_parquet(table, storage.join(round_dir(self.directory, index), "picks.parquet"))
         round_ = Round(
             index=index,
             state=RoundState.SELECTED,

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from pipeline.io import storage
-from pipeline.plots import curves_png
+from pipeline.plots import curves_png, panels_png
 from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.state import CampaignState, Round
 
@@ -106,11 +106,13 @@ class CampaignTracker:
             return
         run = Run(self.tracker.client, parent)
         x = [float(n) for n, _ in points]
+        panels = {}
         for metric in ("accuracy", "nll", "ece"):
             series = {
                 name: [float(m.get(name, {}).get(metric, float("nan"))) for _, m in points]
                 for name in ("MAP", "Bayes")
             }
+            panels[metric] = series
             png = curves_png(
                 x,
                 series,
@@ -119,6 +121,8 @@ class CampaignTracker:
                 title=f"{self.name}: {metric} on the evaluation set",
             )
             run.log_bytes(png, f"curves/{metric}.png")
+        title = f"{self.name}: evaluation set after each round ({self.cfg.method.value} x {self.cfg.budget})"
+        run.log_bytes(panels_png(x, panels, xlabel="labels", title=title), "active_learning.png")
         for i, (n, m) in enumerate(points):
             run.log_metrics({**_flat("eval.", m), "labels": float(n)}, step=i)
         run.log_text(json.dumps([{"labels": n, **m} for n, m in points], indent=2), "curve.json")

@@ -136,7 +136,7 @@ def test_duplicates_across_shards_and_files_local(
     corpus = make(str(tmp_path / "corpus"))  # type: ignore[operator]
     out = str(tmp_path / "emb")
     assert embed.main(_embed(corpus, out, "local")) == 0
-    assert "duplicate=5" in capsys.readouterr().out
+    assert "duplicate_id=5" in capsys.readouterr().out
     check_output(out)
     verdicts = storage.read_bytes(storage.join(out, DUPLICATES_FILE))
 
@@ -177,7 +177,7 @@ def test_the_posterior_fit_counts_each_pair_once(tmp_path: Path) -> None:
     args = ["--pairs", corpus, "--model", MODEL, "--out", str(out), "--block-size", str(PER_SHARD)]
     assert fit_posterior.main([*args, "--executor", "local", "--no-tracking"]) == 0
     info = read_info(out)
-    assert info["data"]["quarantined"] == {"duplicate": 5, "undecodable": 1}
+    assert info["data"]["quarantined"] == {"duplicate_id": 5, "undecodable": 1}
     assert info["data"]["pairs_used"] == info["n"]["image"] == N - 6
 
 

@@ -150,6 +150,7 @@ def _checkpoints(log: Path) -> list[str]:
     return [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
 
 
+@pytest.mark.timeout(2400)  # about 30 crash points, each a whole scenario
 def test_a_step_killed_after_any_write_resumes_without_duplicates_or_losses(
     scenario: Scenario, tmp_path: Path
 ) -> None:
