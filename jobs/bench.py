@@ -10,6 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "core": ("jobs.bench_core", "GGN fast path vs per-sample formula; Bayesian overhead of embeddings."),
     "calibration": ("jobs.bench_calibration", "MAP vs Bayesian calibration of the tiny model under shift."),
     "pipeline": ("jobs.bench_pipeline", "Ray embed throughput vs a plain torch loop; memory at scale."),
+    "active-learning": ("jobs.bench_active_learning", "Accuracy per label of the acquisitions in campaigns."),
 }
 
 

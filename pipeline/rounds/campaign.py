@@ -37,7 +37,7 @@ from pipeline.flows.select import selection_table
 from pipeline.io import faults, storage, tensors
 from pipeline.rounds import labels as labels_table
 from pipeline.rounds import lease
-from pipeline.rounds.config import CampaignConfig, Trainer
+from pipeline.rounds.config import OPERATIONAL_FIELDS, CampaignConfig, Trainer
 from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
 from pipeline.rounds.evaluation import evaluate
 from pipeline.rounds.sources import LabelStudioSource, Source, make_source
@@ -95,11 +95,17 @@ def init(
         webhook_secret = read_secret()  # before anything is created
     if storage.is_file(storage.join(directory, STATE_FILE)):
         existing = read_config(directory)
-        if existing != cfg:
+        changed = sorted(k for k in cfg.model_fields if getattr(existing, k) != getattr(cfg, k))
+        defining = [k for k in changed if k not in OPERATIONAL_FIELDS]
+        if defining:
             raise FileExistsError(
-                f"{directory!r} is a campaign with another configuration; use a new directory "
-                "(or edit its campaign.yaml by hand, knowing what it changes)"
+                f"{directory!r} is a campaign with another configuration ({', '.join(defining)} differ); "
+                "use a new directory (or edit its campaign.yaml by hand, knowing what it changes)"
             )
+        if changed:
+            with lease.acquire(directory, "campaign init"):
+                storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
+            log(f"campaign {directory}: updated {', '.join(changed)}")
         if cfg.webhook:
             cache = read_cache(directory)
             source = make_source(cfg, cache.classes, directory, cache.label_column)
