@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ PAGE_SIZE = 500  # tasks per listing page
 IMPORT_BATCH = 1000  # tasks per import request
 ID_BATCH = 300  # task ids per request that selects tasks by id (keeps URLs short)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"})
+PRESIGN_TTL_MINUTES = 15  # lifetime of a URL Label Studio presigns for an S3 image (it signs anew per view)
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # data keys usable as Data Manager columns
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -235,6 +237,31 @@ def stage_image(image_root: Path | str, project_title: str, sample_id: str, data
     return path
 
 
+def stage_object(prefix: str, project_title: str, sample_id: str, data: bytes, ext: str) -> str:
+    """Write the image bytes to `<prefix>/<project>/<sample_id>.<ext>` on an object store (`s3://bucket/...`);
+    returns the object's URI, for a task served through `ensure_s3_storage`.
+
+    Names as `stage_image` makes them. One PUT, so the object appears whole or not at all; the same bytes
+    are not uploaded again (a re-run round reads them back instead).
+    """
+    suffix = ext.lower().lstrip(".")
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(
+            f"image extension {ext!r} of sample {sample_id!r} is not one of {sorted(IMAGE_EXTENSIONS)}"
+        )
+    if not data:
+        raise ValueError(f"empty image for sample {sample_id!r}")
+    if not prefix.startswith("s3://") or not prefix[5:].strip("/"):
+        raise ValueError(f"image store {prefix!r} is not an s3://bucket/prefix URI")
+    uri = storage.join(prefix, _safe_name(project_title), f"{_safe_name(sample_id)}.{suffix}")
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.is_file and info.size == len(data) and storage.read_bytes(uri) == data:
+        return uri
+    storage.write_bytes(uri, data)
+    return uri
+
+
 class LabelStudioClient:
     """Typed access to one Label Studio server; every call retries transient failures."""
 
@@ -372,6 +399,99 @@ class LabelStudioClient:
             ),
         )
         return int(created.id)
+
+    def ensure_s3_storage(
+        self,
+        project: Project,
+        bucket: str,
+        prefix: str = "",
+        *,
+        presign: bool = True,
+        presign_ttl_minutes: int = PRESIGN_TTL_MINUTES,
+        region: str | None = None,
+        endpoint: str | None = None,
+    ) -> int:
+        """S3 import storage over `s3://bucket/prefix`, so that tasks whose image is `s3://bucket/key` render;
+        returns its id.
+
+        Label Studio hands such task data out as `/tasks/<id>/resolve/?fileuri=<base64 of the URI>`, and that
+        redirects (303) to a URL it presigns for `presign_ttl_minutes` (`presign=False`: it streams the bytes
+        itself, for a store the annotators' browsers cannot reach). Endpoint, region and credentials come from
+        the AWS SDKs' variables (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_REGION`,
+        `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) unless given; unset ones are left
+        to Label Studio's own environment. Label Studio keeps the credentials in its database and never sends
+        them back; here they are in no log and no error. On creation it checks the connection: an object under
+        `prefix` (no prefix: HeadBucket). The storage is never synchronised, and refuses the UI's Sync: no
+        object of the bucket becomes a task (ours come from `import_tasks`).
+
+        Idempotent per bucket, since Label Studio resolves a URI through the first storage of its bucket
+        whatever that storage's prefix: an existing one (the lowest id) is kept, and updated in place when
+        its endpoint, region or presigning differ, or when the credentials are temporary (a session token:
+        they expire). `prefix` only shapes a new storage (its connection check, its title).
+        """
+        if not bucket or "/" in bucket:
+            raise ValueError(f"S3 bucket name {bucket!r} for project {project.title!r} is not a bucket name")
+        if not 1 <= presign_ttl_minutes <= 7 * 24 * 60:  # SigV4 presigned URLs live 7 days at most
+            raise ValueError(f"presign_ttl_minutes must be 1 to 10080, got {presign_ttl_minutes}")
+        key_prefix = prefix.strip("/")
+        settings, secrets = _s3_settings(region, endpoint)
+        wanted: dict[str, Any] = {
+            "bucket": bucket,
+            "prefix": f"{key_prefix}/" if key_prefix else "",
+            "presign": presign,
+            "presign_ttl": presign_ttl_minutes,
+            "s3endpoint": settings["s3endpoint"],
+            "region_name": settings["region_name"],
+        }
+        where = f"s3://{bucket}/{wanted['prefix']}"
+
+        def ensure_once() -> int:
+            storages = sorted(
+                (s for s in self._sdk.import_storage.s3.list(project=project.id) if s.bucket == bucket),
+                key=lambda s: int(s.id),
+            )
+            if not storages:
+                created = self._sdk.import_storage.s3.create(
+                    project=project.id,
+                    title=where[:256],
+                    description="bayescurate: task images by reference (never synchronised)",
+                    use_blob_urls=True,
+                    synchronizable=False,
+                    **wanted,
+                    **secrets,
+                )
+                return int(created.id)
+            keep = storages[0]
+            current = {k: getattr(keep, k) or None for k in ("s3endpoint", "region_name")}
+            current |= {"presign": keep.presign, "presign_ttl": keep.presign_ttl}
+            changed = {k: wanted[k] for k in current if current[k] != wanted[k]}
+            if changed or "aws_session_token" in secrets:
+                self._sdk.import_storage.s3.update(int(keep.id), **changed, **secrets)
+            return int(keep.id)
+
+        def ensure() -> int:
+            try:
+                return ensure_once()
+            except ApiError as exc:
+                body = _redacted(str(exc.body), secrets.values())  # an echoed request carries the secrets
+                if exc.status_code == 500 and "s3 endpoints on domain" in body:
+                    # Label Studio hides the store's answer for endpoints off its S3_TRUSTED_STORAGE_DOMAINS
+                    # and answers 500: not an outage to sit out, a storage it cannot use.
+                    raise LabelStudioError(
+                        f"Label Studio at {self.url} could not use {where!r} (endpoint "
+                        f"{wanted['s3endpoint'] or 'its default'}) for project {project.title!r}: the bucket "
+                        "or an object under the prefix is missing, the credentials are refused, or the "
+                        "endpoint is unreachable from Label Studio's host (its log has the reason)"
+                    ) from None
+                if exc.status_code == 403 and "URL" in body:  # SSRF protection refused the endpoint
+                    raise LabelStudioError(
+                        f"Label Studio at {self.url} refused the endpoint {wanted['s3endpoint']!r} of "
+                        f"{where!r} for project {project.title!r}: a loopback or private address needs "
+                        "SSRF_PROTECTION_ENABLED=false on the Label Studio server"
+                    ) from None
+                raise ApiError(status_code=exc.status_code, headers=exc.headers, body=body) from None
+
+        return self._call(f"ensure the S3 storage {where!r} of project {project.title!r}", ensure)
 
     def ensure_view(
         self,
@@ -792,6 +912,33 @@ class LabelStudioClient:
             log.warning("Label Studio moved from %s to %s (restarted); following it", self.url, url)
             self.url = url.rstrip("/")
             self._sdk = self._new_sdk()
+
+
+def _s3_settings(region: str | None, endpoint: str | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """(endpoint and region, credentials) of an S3 storage, from the arguments or the AWS SDKs' variables."""
+    env = os.environ
+    settings = {
+        "region_name": region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        "s3endpoint": endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+    }
+    names = {
+        "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "aws_session_token": "AWS_SESSION_TOKEN",
+    }
+    secrets = {field_: env[var] for field_, var in names.items() if env.get(var)}
+    pair = ("aws_access_key_id", "aws_secret_access_key")
+    if any(k in secrets for k in pair) and not all(k in secrets for k in pair):
+        missing = next(names[k] for k in pair if k not in secrets)
+        raise ValueError(f"{missing} is not set: an S3 storage needs both the key id and the secret key")
+    return settings, secrets
+
+
+def _redacted(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret value starred out."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _brief(exc: Exception) -> str:

@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibration": ("jobs.bench_calibration", "MAP vs Bayesian calibration of the tiny model under shift."),
     "pipeline": ("jobs.bench_pipeline", "Ray embed throughput vs a plain torch loop; memory at scale."),
     "active-learning": ("jobs.bench_active_learning", "Accuracy per label of the acquisitions in campaigns."),
+    "round": ("jobs.bench_round", "Round latency at ViT-B/32 sizes: labels in -> next batch in Label Studio"),
 }
 
 

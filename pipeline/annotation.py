@@ -1,11 +1,16 @@
 """Picks -> Label Studio tasks: images by reference, the model's prediction, sortable uncertainty fields.
 
-Images reach Label Studio by reference, never as base64 in its database: local images under Label
-Studio's local-files document root are referenced where they are; any other image (bytes inside Parquet,
-WebDataset members, files elsewhere) is staged once under `<image root>/<project>/` and referenced there,
-behind a local-files storage of that folder. Only the picked rows are read (`sources.read_images`).
-Images at or below `inline_max_bytes` may be inlined instead (thumbnails, or a Label Studio whose image
-root this machine cannot write).
+Images reach Label Studio by reference, never as base64 in its database. Only the picked rows are read
+(`sources.read_images`), and only when an image has to be copied.
+- Local images under Label Studio's local-files document root are referenced where they are
+  (`/data/local-files/?d=...`, behind a local-files storage).
+- Images that already are objects on S3 (`s3://bucket/key.png`, an image-folder corpus on a bucket) are
+  referenced as that URI, behind an S3 storage of the project (`ensure_s3_storage`): Label Studio presigns a
+  short-lived URL each time an annotator opens the task.
+- Any other image (bytes inside Parquet, WebDataset members, files elsewhere) is staged once, under
+  `<image_store>/<project>/` on S3 when an `image_store` is set, else under `<image root>/<project>/`, and
+  referenced there the same way.
+Images at or below `inline_max_bytes` may be inlined instead (thumbnails only).
 """
 
 from __future__ import annotations
@@ -28,10 +33,17 @@ def image_extension(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class ImageStore:
-    """Where a Label Studio server serves local files from, and what may be inlined instead."""
+    """Where Label Studio can read images from that this machine writes, and what may be inlined instead."""
 
-    root: Path | None  # its local-files document root (None: unknown, only inlining is possible)
+    root: Path | None  # its local-files document root (None: unknown, e.g. a server on a cluster)
     inline_max_bytes: int = 0  # images this small are inlined into the task instead
+    objects: str | None = None  # s3://bucket/prefix/ to stage images under (read through an S3 storage)
+
+    def __post_init__(self) -> None:
+        if self.objects is not None:
+            bucket, _ = _s3_location(self.objects)
+            if not bucket:
+                raise ValueError(f"image_store {self.objects!r} is not an s3://bucket/prefix URI")
 
     def folder(self, project: str) -> Path:
         from connectors.label_studio import image_folder
@@ -41,40 +53,80 @@ class ImageStore:
         return image_folder(self.root, project)
 
 
-def task_images(
-    store: ImageStore, project: str, sources: Mapping[str, str]
-) -> tuple[dict[str, str], Path | None]:
-    """sample_id -> image URL for the task, and the staging folder that needs a local-files storage.
+@dataclass(frozen=True)
+class TaskImages:
+    """The image reference of every task, and the storages Label Studio needs to serve them."""
+
+    urls: dict[str, str]  # sample_id -> the task's image: local-files URL, s3:// URI or data URI
+    folder: Path | None  # staging folder that needs a local-files storage (None: nothing staged there)
+    buckets: dict[str, str]  # bucket -> key prefix under which its referenced objects lie (an S3 storage)
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an `s3://bucket/key` URI; ("", "") for anything else."""
+    if not uri.startswith("s3://") or "?" in uri:
+        return "", ""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def _common_folder(keys: Sequence[str]) -> str:
+    """The deepest folder holding all `keys` ("" for the bucket's root)."""
+    common: list[str] = []
+    for names in zip(*(key.split("/")[:-1] for key in keys), strict=False):  # level by level
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return "/".join(common)
+
+
+def task_images(store: ImageStore, project: str, sources: Mapping[str, str]) -> TaskImages:
+    """The image reference of each sample's task; stages (copies) only the images that need it.
 
     `sources`: sample_id -> the row's image location (the `source` column of `embed`'s output).
     """
-    from connectors.label_studio import inline_image, local_files_url, stage_image
+    from connectors.label_studio import inline_image, local_files_url, stage_image, stage_object
 
     urls: dict[str, str] = {}
     staged = False
     pending = dict(sources)
-    if store.root is not None:
-        for sid, source in list(pending.items()):
-            if storage.is_local(source) and "#" not in source and ".tar:" not in source:
-                path = Path(storage.resolve(source)[1])
-                if path.is_relative_to(store.root) and path.is_file():
-                    urls[sid] = local_files_url(path, store.root)
-                    del pending[sid]
+    for sid, source in list(pending.items()):
+        if "#" in source or ".tar:" in source:
+            continue  # inside a container: read the row below
+        if _s3_location(source)[1]:
+            if storage.is_file(source):
+                urls[sid] = source  # an object already: Label Studio reads it through an S3 storage
+                del pending[sid]
+        elif store.root is not None and storage.is_local(source):
+            path = Path(storage.resolve(source)[1])
+            if path.is_relative_to(store.root) and path.is_file():
+                urls[sid] = local_files_url(path, store.root)
+                del pending[sid]
     images = read_images(list(pending.values())) if pending else {}
     for sid, source in pending.items():
         data = images[source]
         if len(data) <= store.inline_max_bytes:
             urls[sid] = inline_image(data, f"image/{image_extension(data)}")
-            continue
-        if store.root is None:
+        elif store.objects is not None:
+            urls[sid] = stage_object(store.objects, project, sid, data, image_extension(data))
+        elif store.root is not None:
+            target = stage_image(store.root, project, sid, data, image_extension(data))
+            urls[sid] = local_files_url(target, store.root)
+            staged = True
+        else:
             raise ValueError(
-                f"cannot reference the image of {sid!r} ({len(data)} bytes): Label Studio's local-files "
-                "root is unknown (run `bayescurate services up`, or raise inline_max_bytes)"
+                f"cannot reference the image of {sid!r} ({len(data)} bytes, from {source!r}) in Label Studio "
+                f"project {project!r}: its local-files root is unknown and no image_store is set (set "
+                "image_store to an s3:// prefix Label Studio can read, run `bayescurate services up`, or "
+                "raise inline_max_bytes)"
             )
-        target = stage_image(store.root, project, sid, data, image_extension(data))
-        urls[sid] = local_files_url(target, store.root)
-        staged = True
-    return urls, (store.folder(project) if staged else None)
+    keys: dict[str, list[str]] = {}
+    for url in urls.values():
+        bucket, key = _s3_location(url)
+        if key:
+            keys.setdefault(bucket, []).append(key)
+    buckets = {bucket: _common_folder(names) for bucket, names in sorted(keys.items())}
+    return TaskImages(urls, store.folder(project) if staged else None, buckets)
 
 
 @dataclass(frozen=True)
@@ -106,9 +158,12 @@ def push_tasks(
     project = client.ensure_project(project_title, list(classes))
     existing = client.task_ids(project)
     todo = [r for r in rows if r.sample_id not in existing]
-    urls, folder = task_images(store, project_title, {r.sample_id: sources[r.sample_id] for r in todo})
-    if folder is not None:
-        client.ensure_local_storage(project, folder)
+    images = task_images(store, project_title, {r.sample_id: sources[r.sample_id] for r in todo})
+    if images.folder is not None:
+        client.ensure_local_storage(project, images.folder)
+    for bucket, prefix in images.buckets.items():  # after staging: Label Studio checks the prefix has objects
+        client.ensure_s3_storage(project, bucket, prefix)
+    urls = images.urls
     tasks = [
         TaskInput(
             sample_id=r.sample_id,

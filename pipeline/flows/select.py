@@ -45,6 +45,7 @@ class SelectConfig(Config):
     corpus: str | None = None  # the pool's corpus, for embeddings made before rows recorded their source
     round: int = 0  # annotation round number, stored on each task
     state_dir: str | None = None  # services state dir holding the Label Studio URL and token
+    image_store: str | None = None  # s3://bucket/prefix/ where images are staged for Label Studio to read
     inline_max_bytes: int = 0  # images up to this size are inlined into tasks instead of referenced
 
 
@@ -169,7 +170,7 @@ def send_to_label_studio(
         raise ValueError(f"{len(missing)} selected samples have no known image location: {missing[:5]}")
     client = LabelStudioClient.from_services(cfg.state_dir)
     ls = read_state(cfg.state_dir).label_studio
-    store = ImageStore(Path(ls.image_root) if ls else None, cfg.inline_max_bytes)
+    store = ImageStore(Path(ls.image_root) if ls else None, cfg.inline_max_bytes, cfg.image_store)
     rows = [
         TaskRow(
             sample_id=p.sample_id,

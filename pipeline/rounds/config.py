@@ -58,6 +58,7 @@ class CampaignConfig(TrackedConfig):
     project: str | None = None  # Label Studio project (default: the campaign directory's name)
     state_dir: str | None = None  # services state dir with Label Studio's URL, token (else $LABEL_STUDIO_URL)
     image_root: str | None = None  # Label Studio's local-files root if writable here (default: the services')
+    image_store: str | None = None  # s3://bucket/prefix/ where images are staged for Label Studio to read
     inline_max_bytes: int = 0  # images up to this size are inlined into tasks instead of referenced
     webhook: str | None = None  # `campaign serve` URL for Label Studio's events (init registers the webhook)
     label_studio_retry_s: float = Field(120.0, gt=0)  # seconds a Label Studio request retries outages and 5xx
@@ -85,3 +86,25 @@ class CampaignConfig(TrackedConfig):
                 f"{self.label_source.value})"
             )
         return self
+
+
+# Settings that change how a campaign runs, not what it computes: `campaign init` with the same directory
+# accepts new values for these (and writes them to campaign.yaml); any other difference is refused.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "tracking",
+        "tracking_uri",
+        "experiment",
+        "state_dir",
+        "image_root",
+        "image_store",
+        "inline_max_bytes",
+        "webhook",
+        "label_studio_retry_s",
+        "max_rounds",
+        "train_workers",
+        "poll_s",
+        "address",
+        "num_cpus",
+    }
+)

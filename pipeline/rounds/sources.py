@@ -53,6 +53,7 @@ class LabelStudioSource:
     inline_max_bytes: int = 0
     retry_for: float = 120.0  # seconds a request retries connection errors and 5xx before it fails
     image_root: str | None = None  # Label Studio's local-files root, when this machine writes into it
+    image_store: str | None = None  # s3:// prefix to stage images under, read through an S3 storage
     name: str = LabelSource.LABEL_STUDIO.value
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class LabelStudioSource:
         if root is None and not self._from_env:  # the local services' root; a remote server's is unknown
             ls = read_state(self.state_dir).label_studio
             root = ls.image_root if ls else None
-        store = ImageStore(Path(root) if root else None, self.inline_max_bytes)
+        store = ImageStore(Path(root) if root else None, self.inline_max_bytes, self.image_store)
         return push_tasks(
             self.client, self.project, self.classes, rows, sources, store, model_version=model_version
         )
@@ -201,4 +202,5 @@ def make_source(
         cfg.inline_max_bytes,
         retry_for=cfg.label_studio_retry_s,
         image_root=cfg.image_root,
+        image_store=cfg.image_store,
     )
