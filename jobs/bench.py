@@ -10,6 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "core": ("jobs.bench_core", "GGN fast path vs per-sample formula; Bayesian overhead of embeddings."),
     "calibration": ("jobs.bench_calibration", "MAP vs Bayesian calibration of the tiny model under shift."),
     "pipeline": ("jobs.bench_pipeline", "Ray embed throughput vs a plain torch loop; memory at scale."),
+    "select": ("jobs.bench_select", "Greedy batch selection at ViT-B/32 sizes: fast exact path vs old loop."),
     "active-learning": ("jobs.bench_active_learning", "Accuracy per label of the acquisitions in campaigns."),
     "round": ("jobs.bench_round", "Round latency at ViT-B/32 sizes: labels in -> next batch in Label Studio"),
 }

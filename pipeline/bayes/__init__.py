@@ -3,12 +3,25 @@
 See ../shared/MATH.md for the specification each function docstring refers to.
 """
 
-from pipeline.bayes.acquisition import Method, Selection, bald, entropy, epig, score_pool, select_batch
+from pipeline.bayes.acquisition import (
+    HeadDraws,
+    JointDraws,
+    Method,
+    Selection,
+    bald,
+    entropy,
+    epig,
+    ggn_root,
+    score_pool,
+    select_batch,
+    select_batch_reference,
+)
 from pipeline.bayes.contrastive import contrastive_factors
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.bayes.curvature import Likelihood, ggn, infonce_ggn, siglip_ggn
 from pipeline.bayes.head import BayesHead
-from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
+from pipeline.bayes.kron import Damping, KronDraws, KronFactors, KronPosterior
+from pipeline.bayes.lowrank import eigh_low_rank_update, eigh_rank_one_update
 from pipeline.bayes.metrics import (
     Reliability,
     accuracy,
@@ -24,6 +37,9 @@ from pipeline.bayes.neighbours import Metric, candidates, nearest
 __all__ = [
     "BayesHead",
     "Damping",
+    "HeadDraws",
+    "JointDraws",
+    "KronDraws",
     "KronFactors",
     "KronPosterior",
     "Likelihood",
@@ -40,9 +56,12 @@ __all__ = [
     "candidates",
     "contrastive_factors",
     "ece",
+    "eigh_low_rank_update",
+    "eigh_rank_one_update",
     "entropy",
     "epig",
     "ggn",
+    "ggn_root",
     "infonce_ggn",
     "nearest",
     "nll",
@@ -50,5 +69,6 @@ __all__ = [
     "reliability",
     "score_pool",
     "select_batch",
+    "select_batch_reference",
     "siglip_ggn",
 ]

@@ -7,14 +7,19 @@ import math
 import pytest
 import torch
 
+from pipeline.bayes import kron
 from pipeline.bayes.acquisition import (
+    HeadDraws,
     bald,
     condition_on_unlabelled,
     entropy,
     epig,
+    ggn_root,
     score_pool,
     select_batch,
+    select_batch_reference,
 )
+from pipeline.bayes.curvature import ggn
 from pipeline.bayes.head import BayesHead
 from pipeline.bayes.kron import KronFactors, KronPosterior
 
@@ -79,6 +84,7 @@ def test_epig_chunked_equals_unchunked_and_is_nonnegative() -> None:
     pool = random_probs(37, 16, 5, seed=4)
     target = random_probs(23, 16, 5, seed=5)
     whole = epig(pool, target, chunk_size=1000, target_chunk_size=1000)
+    torch.testing.assert_close(epig(pool, target), whole, **TOL)  # automatic chunk size
     for chunk, target_chunk in [(1, 1), (5, 7), (8, 23), (36, 4)]:
         torch.testing.assert_close(
             epig(pool, target, chunk_size=chunk, target_chunk_size=target_chunk), whole, **TOL
@@ -185,3 +191,148 @@ def test_a_pick_lowers_its_near_duplicate_more_than_far_points(head: BayesHead, 
     assert relative_drop[1] > 3 * relative_drop[2:].mean().clamp_min(0.01)
     # The conditioned head's image factors grew by exactly one point.
     assert after_head.image.factors.n == head.image.factors.n + 1
+
+
+# ---- the fast greedy path against the plain loop -----------------------------------------------------------
+
+SCORE_TOL = {"rtol": 1e-10, "atol": 1e-13}  # float64, relative to the plain loop's scores
+
+
+def small_head(damping: str, likelihood: str = "infonce") -> BayesHead:
+    def posterior(d: int, D: int, seed: int) -> KronPosterior:
+        post = random_posterior(d, D, seed, prior_precision=2.0)
+        return KronPosterior(post.factors, post.weight, 2.0, hessian_scale=3.0, damping=damping)
+
+    bias = -2.0 if likelihood == "siglip" else 0.0
+    return BayesHead(posterior(32, 6, 10), posterior(10, 6, 11), scale=8.0, bias=bias, likelihood=likelihood)
+
+
+def small_world(offsets: bool) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(50)
+    return {
+        "pool_acts": torch.randn(40, 32, generator=g, dtype=torch.float64),
+        "text_acts": torch.randn(4, 10, generator=g, dtype=torch.float64),
+        "target_acts": torch.randn(12, 32, generator=g, dtype=torch.float64),
+        "pool_offsets": torch.randn(40, 6, generator=g, dtype=torch.float64) if offsets else None,
+        "text_offset": torch.randn(4, 6, generator=g, dtype=torch.float64) if offsets else None,
+        "target_offsets": torch.randn(12, 6, generator=g, dtype=torch.float64) if offsets else None,
+    }
+
+
+@pytest.mark.parametrize("likelihood", ["infonce", "siglip"])
+def test_ggn_root_squares_to_the_ggn_sum(likelihood: str) -> None:
+    g = torch.Generator().manual_seed(60)
+    sources = 3.0 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    targets = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    root = ggn_root(likelihood, sources, targets, 7.0, -1.5)  # [D, M·C]
+    assert root.shape == (6, 15)
+    expected = ggn(likelihood, sources, targets, 7.0, -1.5)
+    torch.testing.assert_close(root @ root.T, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="source row 1 has zero norm"):
+        ggn_root(likelihood, torch.stack([sources[0], torch.zeros(6, dtype=torch.float64)]), targets, 7.0)
+
+
+@pytest.mark.parametrize("offsets", [False, True], ids=["clip", "offsets"])
+@pytest.mark.parametrize("method", ["epig", "bald"])
+@pytest.mark.parametrize("damping", ["paper", "exact"])
+def test_select_batch_reproduces_the_plain_loop(damping: str, method: str, offsets: bool) -> None:
+    """Same picks, scores to 1e-10 relative (float64), with and without explicit targets and offsets."""
+    head, world = small_head(damping), small_world(offsets)
+    for targets in (True, False):
+        kwargs = dict(world, method=method, k=16)
+        if not targets:
+            kwargs.update(target_acts=None, target_offsets=None)
+        pool, text = kwargs.pop("pool_acts"), kwargs.pop("text_acts")
+        fast = select_batch(
+            head, pool, text, 7, generator=torch.Generator().manual_seed(3), chunk_size=9, **kwargs
+        )
+        ref = select_batch_reference(
+            head, pool, text, 7, generator=torch.Generator().manual_seed(3), **kwargs
+        )
+        assert fast.indices == ref.indices
+        torch.testing.assert_close(torch.tensor(fast.scores), torch.tensor(ref.scores), **SCORE_TOL)
+
+
+@pytest.mark.parametrize("damping", ["paper", "exact"])
+def test_select_batch_with_eigen_updates_of_both_factors(
+    monkeypatch: pytest.MonkeyPatch, damping: str
+) -> None:
+    """With every factor carried by eigen-updates (B's rank-C update too), SigLIP: still the plain loop."""
+    monkeypatch.setattr(kron, "EIGEN_UPDATE_MAX_RANK", 100)
+    head, world = small_head(damping, "siglip"), small_world(offsets=True)
+    pool, text = world.pop("pool_acts"), world.pop("text_acts")
+    fast = select_batch(head, pool, text, 8, k=16, **world)
+    ref = select_batch_reference(head, pool, text, 8, k=16, **world)
+    assert fast.indices == ref.indices
+    torch.testing.assert_close(torch.tensor(fast.scores), torch.tensor(ref.scores), **SCORE_TOL)
+
+
+def plain_scores(head: BayesHead, world: dict, method: str, seed: int) -> torch.Tensor:
+    """The unchunked scores: one `sample_probs` call for pool and targets, then BALD or EPIG."""
+    gen = torch.Generator().manual_seed(seed)
+    pool, text, offsets = world["pool_acts"], world["text_acts"], world["pool_offsets"]
+    if method == "bald":
+        (probs,) = head.sample_probs([pool], text, 16, gen, [offsets], world["text_offset"])
+        return bald(probs)
+    targets = world["target_acts"] if world["target_acts"] is not None else pool
+    target_offsets = world["target_offsets"] if world["target_acts"] is not None else offsets
+    probs, probs_target = head.sample_probs(
+        [pool, targets], text, 16, gen, [offsets, target_offsets], world["text_offset"]
+    )
+    return epig(probs, probs_target)
+
+
+@pytest.mark.parametrize("method", ["epig", "self-epig", "bald"])
+@pytest.mark.parametrize("damping", ["paper", "exact"])
+def test_score_pool_streams_in_chunks_with_the_unchunked_result(
+    monkeypatch: pytest.MonkeyPatch, damping: str, method: str
+) -> None:
+    head, world = small_head(damping), small_world(offsets=True)
+    if method == "self-epig":
+        world.update(target_acts=None, target_offsets=None)
+    method = method.removeprefix("self-")
+    expected = plain_scores(head, world, method, seed=11)
+    rows_seen: list[int] = []
+    probs = HeadDraws.probs
+
+    def spy(self: HeadDraws, acts: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        rows_seen.append(acts.shape[0])
+        return probs(self, acts, offset)
+
+    monkeypatch.setattr(HeadDraws, "probs", spy)
+    pool, text = world["pool_acts"], world["text_acts"]
+    kwargs = {key: world[key] for key in ("target_acts", "pool_offsets", "text_offset", "target_offsets")}
+    for chunk in (1, 7, 1000):
+        rows_seen.clear()
+        got = score_pool(head, pool, text, method=method, k=16, seed=11, chunk_size=chunk, **kwargs)
+        torch.testing.assert_close(got, expected, **SCORE_TOL)
+        # the pool (and the targets) never go through the draws more than `chunk` rows at a time
+        assert max(rows_seen) == min(chunk, 40)
+
+
+def test_score_pool_in_float32_agrees_with_the_plain_float32_scores() -> None:
+    """float32 weights draw float32 noise (another stream than float64): compare like with like, to 1e-4."""
+    head64, world = small_head("paper"), small_world(offsets=True)
+
+    def to32(post: KronPosterior) -> KronPosterior:
+        return KronPosterior(post.factors, post.weight.float(), post.prior_precision, post.hessian_scale)
+
+    head = BayesHead(to32(head64.image), to32(head64.text), scale=head64.scale)
+    world = {key: None if x is None else x.float() for key, x in world.items()}
+    expected = plain_scores(head, world, "epig", seed=2)
+    kwargs = {key: world[key] for key in ("target_acts", "pool_offsets", "text_offset", "target_offsets")}
+    got = score_pool(head, world["pool_acts"], world["text_acts"], k=16, seed=2, chunk_size=8, **kwargs)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_score_pool_and_select_batch_reject_bad_shapes(head: BayesHead) -> None:
+    pool, text = random_acts(10, 32, seed=70), random_acts(4, 10, seed=71)
+    with pytest.raises(ValueError, match=r"pool offsets has shape \[10, 5\], expected \[10, 6\]"):
+        score_pool(head, pool, text, pool_offsets=torch.zeros(10, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"text offset has shape"):
+        select_batch(head, pool, text, 2, text_offset=torch.zeros(3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expects \[N, 32\]"):
+        score_pool(head, pool[:, :31], text)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        score_pool(head, pool, text, chunk_size=0)

@@ -225,3 +225,60 @@ def test_sample_weights_do_not_depend_on_eigenvector_signs(damping: str) -> None
     a = post.sample_weights(16, torch.Generator().manual_seed(5))
     b = flipped.sample_weights(16, torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---- factored draws and low-rank conditioning -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("damping", DAMPINGS)
+def test_factored_draws_equal_sample_weights(damping: str, dtype: torch.dtype) -> None:
+    """`draws(noise(k, g))` is the draw `sample_weights(k, g)` makes, applied without forming it."""
+    f, w = _factors(), _weight().to(dtype)
+    post = KronPosterior(f, w, prior_precision=0.7, hessian_scale=TAU, damping=damping)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    weights = post.sample_weights(6, torch.Generator().manual_seed(4))  # [6, D, d]
+    noise = post.noise(6, torch.Generator().manual_seed(4))
+    assert noise.dtype == dtype and noise.shape == (6, D, d)
+    draws = post.draws(noise)
+    assert draws.k == 6
+    torch.testing.assert_close(draws.weights(), weights, **tol)
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randn(9, d, generator=g, dtype=dtype)
+    offset = torch.randn(9, D, generator=g, dtype=dtype)
+    expected = torch.einsum("nd,kDd->nkD", acts, weights) + offset[:, None, :]  # [N, k, D]
+    torch.testing.assert_close(draws.embeddings(acts, offset), expected, **tol)
+    vectors = torch.randn(6, 3, D, generator=g, dtype=dtype)
+    torch.testing.assert_close(draws.adjoint(vectors), vectors @ weights, **tol)  # P_kᵀ v   [k, M, d]
+    with pytest.raises(ValueError, match=r"noise has shape \[6, 5, 4\]"):
+        post.draws(noise.transpose(1, 2))
+
+
+@pytest.mark.parametrize("max_rank", [0, 2, 100])  # eigh for both; eigen-update of A; of both
+@pytest.mark.parametrize("damping", DAMPINGS)
+def test_update_low_rank_equals_update(damping: str, max_rank: int) -> None:
+    """The low-rank route (eigen-updates when rank ≤ max_rank, else eigh) gives the posterior of `update`."""
+    post = KronPosterior(_factors(), _weight(), prior_precision=0.3, hessian_scale=TAU, damping=damping)
+    g = torch.Generator().manual_seed(7)
+    acts = torch.randn(2, d, generator=g, dtype=torch.float64)
+    root = torch.randn(D, 3, generator=g, dtype=torch.float64)
+    fast = post.update_low_rank(acts, root, weight=0.5, max_update_rank=max_rank)
+    ref = post.update(KronFactors(acts.T @ acts, root @ root.T, 2.0), weight=0.5)
+    assert fast.factors.n == ref.factors.n == N + 1
+    torch.testing.assert_close(fast.factors.A, ref.factors.A, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(fast.factors.B, ref.factors.B, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(fast.precision_dense(), ref.precision_dense(), rtol=1e-12, atol=1e-12)
+    probe = torch.randn(5, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        fast.embedding_variance(probe), ref.embedding_variance(probe), rtol=1e-10, atol=1e-13
+    )
+    torch.testing.assert_close(
+        fast.sample_weights(8, torch.Generator().manual_seed(1)),
+        ref.sample_weights(8, torch.Generator().manual_seed(1)),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match=r"ggn_root has shape \[3, 4\]"):
+        post.update_low_rank(acts, root.T)
+    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+        post.update_low_rank(acts, root, weight=-1.0)
