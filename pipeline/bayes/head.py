@@ -59,6 +59,11 @@ class BayesHead:
         """The same head with another image posterior (e.g. after a labelling round)."""
         return BayesHead(posterior, self.text, self.scale, self.bias, self.likelihood)
 
+    def computing_in(self, dtype: torch.dtype) -> BayesHead:
+        """The same head doing its per-row products in `dtype` (`KronPosterior.computing_in`)."""
+        image, text = self.image.computing_in(dtype), self.text.computing_in(dtype)
+        return BayesHead(image, text, self.scale, self.bias, self.likelihood)
+
     @staticmethod
     def _embeddings(
         post: KronPosterior, acts: Tensor, offset: Tensor | None, what: str

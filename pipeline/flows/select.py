@@ -23,7 +23,7 @@ from pipeline.classes import class_text_features, read_classes
 from pipeline.config import Config
 from pipeline.data.sources import plan_shards, read_shard
 from pipeline.io import storage
-from pipeline.selection import Acquisition, EmbeddingSet, Pick, choose, read_embeddings
+from pipeline.selection import Acquisition, EmbeddingSet, Pick, Precision, choose, read_embeddings
 from pipeline.stages.embed import ModelSpec
 
 
@@ -40,6 +40,8 @@ class SelectConfig(Config):
     neighbours: int = 20  # pool neighbours per target point (targeted selection)
     metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
     draws: int = 64  # joint posterior draws for BALD/EPIG
+    picks_per_step: int = 1  # picks per greedy scoring pass (1: exact greedy; more: faster, approximate)
+    precision: Precision = Precision.FLOAT64  # arithmetic of the batch selection's per-row scoring
     seed: int = 0  # Monte Carlo seed
     project: str | None = None  # Label Studio project to send the tasks to (none: only write the file)
     corpus: str | None = None  # the pool's corpus, for embeddings made before rows recorded their source
@@ -114,6 +116,8 @@ def select(cfg: SelectConfig) -> SelectResult:
         draws=cfg.draws,
         seed=cfg.seed,
         text_offset=text_offset,
+        picks_per_step=cfg.picks_per_step,
+        precision=cfg.precision,
     )
     storage.write_parquet(selection_table(picks, cfg.round), storage.join(cfg.out, "selection.parquet"))
     label_studio = None

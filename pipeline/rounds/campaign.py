@@ -258,6 +258,8 @@ class Campaign:
             max_targets=cfg.max_targets,
             draws=cfg.draws,
             seed=seed,
+            picks_per_step=cfg.picks_per_step,
+            precision=cfg.precision,
             text_offset=self.cache.text_offset,
             pool_offsets=remaining.offsets,
             target_offsets=None if targets is None else targets.offsets,

@@ -9,7 +9,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from pipeline.bayes.neighbours import Metric
 from pipeline.config import TrackedConfig
-from pipeline.selection import Acquisition
+from pipeline.selection import Acquisition, Precision
 from pipeline.train.config import RefitConfig
 
 
@@ -52,6 +52,8 @@ class CampaignConfig(TrackedConfig):
     neighbours: int = 20  # pool neighbours per target point (targeted selection)
     metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
     max_targets: int = 256  # targets EPIG averages over (a fixed random subset beyond)
+    picks_per_step: int = Field(1, ge=1)  # picks per greedy scoring pass (1: exact greedy; more: faster)
+    precision: Precision = Precision.FLOAT64  # arithmetic of the batch selection's per-row scoring
     label_source: LabelSource = Field(
         default=LabelSource.LABEL_STUDIO, validation_alias=AliasChoices("label_source", "labels", "source")
     )  # where labels come from

@@ -10,6 +10,7 @@ import torch
 from pipeline.bayes import kron
 from pipeline.bayes.acquisition import (
     HeadDraws,
+    Selection,
     bald,
     condition_on_unlabelled,
     entropy,
@@ -336,3 +337,47 @@ def test_score_pool_and_select_batch_reject_bad_shapes(head: BayesHead) -> None:
         score_pool(head, pool[:, :31], text)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         score_pool(head, pool, text, chunk_size=0)
+
+
+def test_several_picks_per_step_condition_on_all_of_them_before_scoring_again() -> None:
+    """`picks_per_step` = m: each step takes the m best, then conditions on all m (an approximation of the
+    greedy batch, exact when m = 1); m = budget is the top-`budget` of the first scores."""
+    head, world = small_head("paper"), small_world(False)
+    pool, text = world["pool_acts"], world["text_acts"]
+    kwargs = {"target_acts": world["target_acts"], "k": 16}
+
+    def run(m: int, budget: int = 6) -> Selection:
+        gen = torch.Generator().manual_seed(3)
+        return select_batch(head, pool, text, budget, generator=gen, picks_per_step=m, **kwargs)
+
+    greedy = select_batch_reference(head, pool, text, 6, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert run(1).indices == greedy.indices
+    first = run(6)
+    scores = score_pool(head, pool, text, seed=_first_seed(3), **kwargs)
+    assert first.indices == torch.argsort(scores, descending=True, stable=True)[:6].tolist()
+    torch.testing.assert_close(
+        torch.tensor(first.scores, dtype=torch.float64), scores[first.indices], **SCORE_TOL
+    )
+    two = run(2)
+    assert two.indices[:2] == first.indices[:2] and len(set(two.indices)) == 6
+    with pytest.raises(ValueError, match="picks_per_step must be >= 1"):
+        run(0)
+
+
+def _first_seed(seed: int) -> int:
+    """The seed `select_batch` derives from a generator seeded with `seed` (its draws' seed)."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_float32_head_picks_as_the_float64_one() -> None:
+    """`computing_in(float32)`: per-row products in float32 (eigendecompositions stay float64)."""
+    world, head64 = small_world(True), small_head("paper")
+    pool, text = world.pop("pool_acts"), world.pop("text_acts")
+    a = select_batch(head64, pool, text, 5, generator=torch.Generator().manual_seed(1), **world)
+    b = select_batch(
+        head64.computing_in(torch.float32), pool.float(), text.float(), 5,
+        generator=torch.Generator().manual_seed(1),
+        **{k: None if v is None else v.float() for k, v in world.items()},
+    )  # fmt: skip
+    assert a.indices == b.indices
+    torch.testing.assert_close(torch.tensor(b.scores), torch.tensor(a.scores), rtol=1e-3, atol=1e-6)
