@@ -27,6 +27,7 @@ import torch
 from jobs._app import ConfigCommand
 from pipeline.config import Config
 from pipeline.data.synthetic import SEVERITIES, SHIFTED_DOMAINS, Domain, class_names
+from pipeline.io import storage
 from pipeline.selection import Acquisition
 
 METHODS: tuple[Acquisition, ...] = (
@@ -205,7 +206,7 @@ def prepare_world(cfg: ActiveLearningConfig, root: Path) -> tuple[WorldPaths, di
         "embedded": embedded,
         "seconds": seconds,
     }
-    marker.write_text(json.dumps(info, indent=1))
+    storage.write_text(marker, json.dumps(info, indent=1))
     return paths, info
 
 
@@ -900,12 +901,6 @@ def summary_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(cfg: ActiveLearningConfig) -> dict[str, Any]:
     """Build the world once, run every campaign, analyse, and write the outputs; returns the JSON document."""
     from pipeline import runtime
@@ -962,9 +957,9 @@ def run(cfg: ActiveLearningConfig) -> dict[str, Any]:
         "step_seconds": sum(r["seconds"] for r in runs),  # every campaign's own step timings
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "results.json", json.dumps(doc, indent=1, default=str))
+    storage.write_text(out / "results.json", json.dumps(doc, indent=1, default=str))
     plot_curves(agg, cfg, out / "curves.png")
-    _write(out / "summary.md", summary_markdown(doc))
+    storage.write_text(out / "summary.md", summary_markdown(doc))
     return doc
 
 

@@ -33,6 +33,7 @@ from pipeline.evaluation import (
     fit_head,
     predict,
 )
+from pipeline.io import storage
 from pipeline.progress import track
 
 CLEAN = ("clean", 0)
@@ -184,20 +185,14 @@ def run(cfg: CalibrationConfig) -> dict[str, Any]:
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "results.json", json.dumps(doc, indent=1, default=str))
-    _write(out / "summary.md", summary_markdown(doc))
+    storage.write_text(out / "results.json", json.dumps(doc, indent=1, default=str))
+    storage.write_text(out / "summary.md", summary_markdown(doc))
     plot_reliability(probs_kept, cfg, out / "reliability.png")
     return doc
 
 
 def _name(pred: Predictive, damping: Damping | str) -> str:
     return "MAP" if pred is Predictive.MAP else f"{Damping(damping).value}-{pred.value}"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:

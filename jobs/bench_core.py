@@ -11,16 +11,15 @@ All timings are taken in one process after a warm-up; the median of the repeats 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from jobs._app import ConfigCommand
 from pipeline.config import Config
+from pipeline.io import storage
 
 
 class BenchCoreConfig(Config):
@@ -235,12 +234,8 @@ def run(cfg: BenchCoreConfig) -> dict[str, Any]:
         "ggn": ggn_rows,
         "overhead": overhead_rows,
     }
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    storage.write_text(cfg.out, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {cfg.out}")
     return result
 
 

@@ -100,8 +100,8 @@ class BenchRoundConfig(Config):
     draws: int = 64  # joint posterior draws
     neighbours: int = 20  # pool neighbours per target (targeted candidates)
     pairs: int = 8192  # synthetic pairs behind the starting posterior's factors
-    selections: tuple[str, ...] = ("float64:1", "float32:10")  # batch selections timed with the in-process
-    # re-fit, each "precision:picks_per_step" (float64:1 is the exact greedy batch)
+    selections: tuple[str, ...] = ("float64:1", "float32:10", "float32:25")  # batch selections timed with
+    # the in-process re-fit, each "precision:picks_per_step" (float64:1 is the exact greedy batch)
     ray_selection: str | None = "float32:10"  # the selection of one more campaign, re-fitted by Ray Train
     state_dir: str | None = None  # services state dir (default ./.state; started if not running)
     seed: int = 0  # synthetic data and model seed
@@ -220,6 +220,7 @@ def _campaign(
     report = campaign.step(str(directory), log=quiet)  # labels in -> next batch in Label Studio
     t4 = time.perf_counter()
     first, second = report.state.rounds[0], report.state.rounds[1]
+    picks = storage.read_parquet(storage.join(directory, "rounds", "000", "picks.parquet"))
     steps = {
         "collect": first.timings.get("collect", 0.0),
         "train": first.timings.get("train", 0.0),
@@ -243,6 +244,7 @@ def _campaign(
         "labels": first.labels_used,
         "candidates": second.counts.get("candidates"),
         "picked": second.picks,
+        "round0_picks": picks.column("sample_id").to_pylist(),
     }
 
 
@@ -268,6 +270,10 @@ def run(cfg: BenchRoundConfig) -> int:
             runs.append(_campaign(cfg, data, work, trainer, selection))
         print(f"{trainer.value}, {selection}: labels in -> next batch in {runs[-1]['round_s']:.1f} s")
     result: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "build_s": build_s, "runs": runs}
+    exact = next((r for r in runs if r["selection"] == "float64:1"), None)
+    for r in runs:  # round 0 starts every campaign from the same posterior and seed: its picks compare
+        shared = None if exact is None else set(r["round0_picks"]) & set(exact["round0_picks"])
+        r["round0_shared"] = None if shared is None else len(shared)
     ray = [r for r in runs if r["trainer"] == "ray"]
     twin = [r for r in runs if r["trainer"] == "local" and ray and r["selection"] == ray[0]["selection"]]
     if ray and twin:
@@ -286,8 +292,8 @@ def summary(result: dict[str, Any]) -> str:
         f"budget {c['budget']}, {c['draws']} draws",
         "",
         "| re-fit | selection | collect | train | update | re-score | select | push | other "
-        "| labels in -> next batch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| labels in -> next batch | round-0 picks shared with float64:1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         s = r["steps_s"]
@@ -295,7 +301,9 @@ def summary(result: dict[str, Any]) -> str:
             f"| {r['trainer']} | {r['selection']} | {s['collect']:.1f} s | {s['train']:.1f} s | "
             f"{s['update']:.1f} s | "
             f"{s['rescore']:.1f} s | {s['select']:.1f} s | {s['push']:.1f} s | {r['other_s']:.1f} s | "
-            f"**{r['round_s']:.1f} s** |"
+            f"**{r['round_s']:.1f} s** | "
+            + ("" if r.get("round0_shared") is None else f"{r['round0_shared']} of {len(r['round0_picks'])}")
+            + " |"
         )
     if "ray_train_overhead" in result:
         lines += [

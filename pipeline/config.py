@@ -28,9 +28,14 @@ class Config(BaseModel):
 
 
 def _trailing_comments(source: str) -> dict[str, str]:
-    """`name: type = default  # comment` -> {name: comment} for the fields of one class body."""
+    """`name: type = default  # comment` -> {name: comment} for the fields of one class body.
+
+    A comment line directly under a documented field continues that field's comment; any other comment on a
+    line of its own (a section heading) documents nothing.
+    """
     docs: dict[str, str] = {}
     depth, line_tokens = 0, []
+    last_field, last_row = None, -1
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.INDENT:
             depth += 1
@@ -38,17 +43,21 @@ def _trailing_comments(source: str) -> dict[str, str]:
         if tok.type == tokenize.DEDENT:
             depth -= 1
             continue
+        if tok.type == tokenize.COMMENT and not [t for t in line_tokens if t.type != tokenize.NL]:
+            if depth == 1 and last_field is not None and tok.start[0] == last_row + 1:
+                docs[last_field] += " " + tok.string.lstrip("#").strip()
+                last_row = tok.start[0]
+            else:
+                last_field = None
+            continue
         if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
             names = [t for t in line_tokens if t.type not in (tokenize.COMMENT, tokenize.NL)]
             comments = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
-            if (
-                depth == 1
-                and len(names) >= 2
-                and names[0].type == tokenize.NAME
-                and names[1].string == ":"
-                and comments
-            ):
-                docs[names[0].string] = " ".join(comments)
+            last_field = None
+            if depth == 1 and len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":":
+                if comments:
+                    docs[names[0].string] = " ".join(comments)
+                    last_field, last_row = names[0].string, tok.start[0]
             line_tokens = []
             continue
         line_tokens.append(tok)

@@ -415,8 +415,8 @@ def select_batch(
     those of `select_batch_reference` (to rounding).
 
     `picks_per_step` > 1 takes that many of the best-scored points per step before conditioning on all of
-    them: `picks_per_step` times fewer scoring passes, an approximation of the one-at-a-time greedy batch
-    (1, the default, is exact).
+    them in one update (A and B re-decomposed once): `picks_per_step` times fewer scoring passes, an
+    approximation of the one-at-a-time greedy batch (1, the default, is exact).
 
     pool_acts [Np, d], text_acts [C, dt] (one row per class prompt), target_acts [Nt, d];
     offsets [N, D] as in `BayesHead`. Returns `Selection(indices, scores)` with `len == budget`.
@@ -448,16 +448,17 @@ def select_batch(
             step_scores[torch.tensor(picked)] = -torch.inf
         take = min(picks_per_step, budget - len(picked))
         order = torch.argsort(step_scores, descending=True, stable=True)[:take]
-        for best in (int(i) for i in order):
-            picked.append(best)
-            scores.append(float(step_scores[best]))
-            if len(picked) < budget:
-                acts = pool_acts[best : best + 1]
-                embedding, _ = head.image_embeddings(
-                    acts, offset=None if pool_offsets is None else pool_offsets[best : best + 1]
-                )  # the pick's mean embedding under P̂ (the posterior mean does not move)   [1, D]
-                root = ggn_root(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, C]
-                posterior = posterior.update_low_rank(acts, root)
+        picked.extend(int(i) for i in order)
+        scores.extend(float(step_scores[i]) for i in order)
+        if len(picked) < budget:
+            # Condition on the step's m picks at once: the factors gain Σ a aᵀ and Σ G either way, and one
+            # update of rank m is cheaper than m of rank one.
+            acts = pool_acts[order]  # [m, d]
+            embedding, _ = head.image_embeddings(
+                acts, offset=None if pool_offsets is None else pool_offsets[order]
+            )  # the picks' mean embeddings under P̂ (the posterior mean does not move)   [m, D]
+            root = ggn_root(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, m·C]
+            posterior = posterior.update_low_rank(acts, root)
     return Selection(indices=picked, scores=scores)
 
 

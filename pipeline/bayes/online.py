@@ -18,9 +18,10 @@ The posterior is then updated around `P*` with the labelled data's KFAC factors,
 pretraining factors so the merge is of like with like), weighted by `w`: `A + w A_lab`, `B + w B_lab`,
 `N + w n`.
 
-`Whitening` is the symmetric square root `Λ^{-1/2}` in matrix form; the optimisers in `pipeline.train`
-work in its coordinates (`P = P̂ + Λ^{-1/2}[Z]`), where the prior term is `½‖Z‖²_F` and one unit of a
-parameter is one prior standard deviation, whatever the scale of the pretrained weights.
+`Whitening` is the symmetric square root `Λ^{-1/2}` in matrix form; the optimiser in `pipeline.train`
+works in its coordinates (`P = P̂ + Λ^{-1/2}[Z]`, taken in the eigenbases of the factors), where the prior
+term is `½‖Z‖²_F` and one unit of a parameter is one prior standard deviation, whatever the scale of the
+pretrained weights.
 """
 
 from __future__ import annotations

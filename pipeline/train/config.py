@@ -12,8 +12,9 @@ from pipeline.config import Config
 class RefitConfig(Config):
     """How `refit_local` / `refit_ray` minimise the round's objective, and when they stop.
 
-    Parameters are `P = P̂ + Λ^{-1/2}[Z]` (`pipeline.bayes.online.Whitening`), so `lr` is in prior standard
-    deviations whatever the scale of the pretrained weights; the prior term is `½‖Z‖²`.
+    Parameters are `P = P̂ + V (S ⊙ Y) Uᵀ`, the prior's whitened coordinates in its eigenbases
+    (`pipeline.train.loop`, `pipeline.bayes.online.Whitening`), so `lr` is in prior standard deviations
+    whatever the scale of the pretrained weights; the prior term is `½‖Y‖²`.
     """
 
     max_steps: int = Field(1000, ge=0)  # Adam steps at most (the cosine schedule spans exactly these)
@@ -24,7 +25,7 @@ class RefitConfig(Config):
     min_holdout: int = Field(20, ge=1)  # fewer held-back rows than this: no early stopping, all rows train
     patience: int | None = Field(5, ge=1)  # evaluations without a held-back gain before stopping (None: off)
     min_delta: float = Field(1e-4, ge=0)  # least fall of the mean held-back NLL (nats) that is a gain
-    tolerance: float = Field(1e-6, ge=0)  # stop when max |∂loss/∂Z| at an evaluation is at most this
+    tolerance: float = Field(1e-6, ge=0)  # stop when max |∂loss/∂Y| at an evaluation is at most this
     seed: int = 0  # salt of the held-back split hash (the optimisation itself has no randomness)
 
     def lr_at(self, step: int) -> float:

@@ -1,13 +1,16 @@
 """The one optimisation loop of a MAP re-fit (MATH.md §9), run in-process and inside every Ray Train worker.
 
-Full-batch Adam on `Z`, with `P = P̂ + Λ^{-1/2}[Z]` (`Whitening`): in these coordinates the prior term is
-`½‖Z‖²` and its curvature the identity, so one learning rate (in prior standard deviations) suits any
-model, and a strong prior (the usual case: pretraining statistics of many more samples than labels) makes
-the problem nearly perfectly conditioned. Each worker evaluates `refit_loss`'s two terms on its own rows
-(the prior term on rank 0 only, so it is counted once) and the loss and gradient are summed over workers
-before the step: every worker then holds the full-batch gradient and takes the same step as a single
-process would. Every decision (evaluate, stop) is made by rank 0 from summed values and broadcast, so the
-workers cannot disagree on when to stop.
+Full-batch Adam on `Y`, with `P = P̂ + V (S ⊙ Y) Uᵀ`: the prior's whitened coordinates (`Whitening`,
+`P = P̂ + Λ^{-1/2}[Z]`) taken in the eigenbases `U` of `A` and `V` of `B`, `Y = Vᵀ Z U`. There the prior
+term is `½‖Y‖²` and its curvature the identity, so one learning rate (in prior standard deviations) suits
+any model, and a strong prior (the usual case: pretraining statistics of many more samples than labels)
+makes the problem nearly perfectly conditioned. `EigenFrame` evaluates the data term without ever forming
+`P`, so a step costs O(n·D·d) for n labelled rows rather than O(D·d·(D + d)).
+
+Each worker evaluates the two terms on its own rows (the prior term on rank 0 only, so it is counted once)
+and the loss and gradient are summed over workers before the step: every worker then holds the full-batch
+gradient and takes the same step as a single process would. Every decision (evaluate, stop) is made by
+rank 0 from summed values and broadcast, so the workers cannot disagree on when to stop.
 """
 
 from __future__ import annotations
@@ -92,13 +95,57 @@ class Objective:
         return prior_penalty(weight, self.prior)
 
 
+@dataclass(frozen=True)
+class EigenFrame:
+    """The objective in the loop's coordinates `Y` [D, d], where `P = P̂ + V (S ⊙ Y) Uᵀ` (module docstring).
+
+    `U`, `V` are orthogonal, so norms and inner products survive them:
+    `cos(P a + o, h) = cos((S ⊙ Y) Uᵀ a + Vᵀ(P̂ a + o), Vᵀ h)`. The data term is therefore `data_nll` of the
+    matrix `S ⊙ Y` on rows `Uᵀ a_i`, with offsets `Vᵀ(P̂ a_i + o_i)` and text means `Vᵀ h_c` (`rows`, made
+    once per run), and the prior term is `½‖Y‖²_F`. Both equal `Objective`'s terms at `weight(Y)` up to
+    rounding (tested).
+    """
+
+    objective: Objective
+    whiten: Whitening
+    text: Tensor  # [C, D], rows `Vᵀ h_c`
+
+    @classmethod
+    def of(cls, objective: Objective) -> EigenFrame:
+        """The frame of `objective`'s prior, in float64 on the prior's device."""
+        whiten = Whitening.of(objective.prior).to(torch.float64, objective.prior.weight.device)
+        return cls(objective, whiten, objective.text_mean @ whiten.V)
+
+    def rows(self, data: TrainData) -> TrainData:
+        """`data` in the frame: activations `Uᵀ a_i` [n, d], offsets `Vᵀ(P̂ a_i + o_i)` [n, D]."""
+        base = data.acts @ self.objective.prior.weight.T  # [n, D]
+        if data.offsets is not None:
+            base = base + data.offsets
+        return TrainData(data.acts @ self.whiten.U, data.labels, base @ self.whiten.V, data.sample_ids)
+
+    def data_term(self, y: Tensor, rows: TrainData) -> Tensor:
+        """`Objective.data_term` at `weight(y)`, for rows made by `rows`: scalar."""
+        o = self.objective
+        return data_nll(self.whiten.S * y, self.text, rows.acts, rows.labels, o.scale, o.bias, rows.offsets)
+
+    @staticmethod
+    def prior_term(y: Tensor) -> Tensor:
+        """`Objective.prior_term` at `weight(y)`: `½‖Y‖²_F`, scalar."""
+        return 0.5 * (y * y).sum()
+
+    def weight(self, y: Tensor) -> Tensor:
+        """`P = P̂ + V (S ⊙ Y) Uᵀ` [D, d]."""
+        w = self.whiten
+        return self.objective.prior.weight + w.V @ (w.S * y) @ w.U.T
+
+
 @dataclass
 class RefitResult:
     """Outcome of a re-fit.
 
     weight: [D, d] float64, the new MAP `P*` (the best held-back weights when early stopping is on);
     history: one record per evaluation (step, train_loss = full objective, val_nll = mean held-back NLL
-    or None, grad_max = max |∂loss/∂Z|, lr); best_step: the step `weight` comes from; steps_run: Adam
+    or None, grad_max = max |∂loss/∂Y|, lr); best_step: the step `weight` comes from; steps_run: Adam
     steps taken; stopped_early: patience ran out; converged: the gradient tolerance was met; seconds:
     wall time (for Ray, of the whole run seen from the driver, start-up included).
     """
@@ -161,33 +208,32 @@ def run_refit(
     objective.check(train)
     objective.check(held)
     obj = objective.to(device)
-    train, held = train.to(device), held.to(device)
+    frame = EigenFrame.of(obj)
+    train, held = frame.rows(train.to(device)), frame.rows(held.to(device))
     p_hat = obj.prior.weight  # [D, d]
-    whiten = Whitening.of(obj.prior).to(torch.float64, device)
 
     counts = comm.all_sum(torch.tensor([len(train), len(held)], dtype=torch.float64, device=device))
     n_held = int(counts[1])
     early = cfg.patience is not None and n_held > 0
 
-    z = torch.zeros_like(p_hat, requires_grad=True)  # whitened offset from P̂   [D, d]
-    opt = Adam(z)
+    y = torch.zeros_like(p_hat, requires_grad=True)  # whitened offset from P̂ in the eigenbases   [D, d]
+    opt = Adam(y)
     history: list[Record] = []
     best_val, best_step, best_weight = math.inf, 0, p_hat.clone()
     since_best = 0
     stopped_early = converged = False
     step = 0
     while True:
-        weight = p_hat + whiten(z)  # [D, d]
-        loss = obj.data_term(weight, train)
+        loss = frame.data_term(y, train)
         if comm.rank == 0:
-            loss = loss + obj.prior_term(weight)
-        (grad,) = torch.autograd.grad(loss, z)
+            loss = loss + frame.prior_term(y)
+        (grad,) = torch.autograd.grad(loss, y)
         summed = comm.all_sum(torch.cat([loss.detach().reshape(1), grad.reshape(-1)]))
-        grad = summed[1:].view_as(z)  # full-batch ∂loss/∂Z   [D, d]
+        grad = summed[1:].view_as(y)  # full-batch ∂loss/∂Y   [D, d]
 
         if step % cfg.eval_every == 0 or step >= cfg.max_steps:
             with torch.no_grad():
-                val = comm.all_sum(obj.data_term(weight, held).reshape(1)) / n_held if n_held else None
+                val = comm.all_sum(frame.data_term(y, held).reshape(1)) / n_held if n_held else None
             record: Record = {
                 "step": step,
                 "train_loss": float(summed[0]),
@@ -198,7 +244,7 @@ def run_refit(
             history.append(record)
             if val is not None and float(val) < best_val - cfg.min_delta:
                 best_val, best_step, since_best = float(val), step, 0
-                best_weight = weight.detach().clone()
+                best_weight = frame.weight(y.detach())
             else:
                 since_best += 1
             converged = float(record["grad_max"]) <= cfg.tolerance  # type: ignore[arg-type]
@@ -212,11 +258,11 @@ def run_refit(
             if done:
                 break
 
-        opt.step(z, grad, cfg.lr_at(step))
+        opt.step(y, grad, cfg.lr_at(step))
         step += 1
 
     if not early:
-        best_step, best_weight = step, weight.detach().clone()
+        best_step, best_weight = step, frame.weight(y.detach())
     return RefitResult(
         weight=best_weight.cpu(),
         history=history,

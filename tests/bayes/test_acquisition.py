@@ -360,6 +360,18 @@ def test_several_picks_per_step_condition_on_all_of_them_before_scoring_again() 
     )
     two = run(2)
     assert two.indices[:2] == first.indices[:2] and len(set(two.indices)) == 6
+    # its second step scores under the posterior conditioned on both first picks, merged the dense way
+    a = pool[two.indices[:2]]
+    emb, _ = head.image_embeddings(a)
+    text_mean, _ = head.text_embeddings(text)
+    labelled = KronFactors(a.T @ a, ggn(head.likelihood, emb, text_mean, head.scale, head.bias), 2.0)
+    conditioned = BayesHead(head.image.update(labelled), head.text, head.scale, head.bias, head.likelihood)
+    rescored = score_pool(conditioned, pool, text, seed=_first_seed(3), **kwargs)
+    rescored[two.indices[:2]] = -torch.inf
+    assert two.indices[2:4] == torch.argsort(rescored, descending=True, stable=True)[:2].tolist()
+    torch.testing.assert_close(
+        torch.tensor(two.scores[2:4], dtype=torch.float64), rescored[two.indices[2:4]], **SCORE_TOL
+    )
     with pytest.raises(ValueError, match="picks_per_step must be >= 1"):
         run(0)
 

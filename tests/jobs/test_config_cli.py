@@ -166,6 +166,23 @@ def test_every_field_has_a_help_text_from_its_comment(name: str) -> None:
     check(COMMANDS[name].config)
 
 
+class _Commented(Config):
+    # a section heading documents nothing
+    first: int = 1  # the first field, whose comment
+    # goes on under it
+    second: int = 2  # the second field
+
+    # another heading
+    third: int = 3
+
+
+def test_comment_lines_continue_the_field_above_and_headings_document_nothing() -> None:
+    assert field_docs(_Commented) == {
+        "first": "the first field, whose comment goes on under it",
+        "second": "the second field",
+    }
+
+
 def test_help_shows_comments_choices_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert COMMANDS["embed"].main(["--help"]) == 0
     out = capsys.readouterr().out

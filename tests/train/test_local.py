@@ -94,6 +94,33 @@ def test_no_early_stopping_below_ten_rows_and_bad_labels_fail_first() -> None:
         refit_local(prior, problems.world()[1], problems.SCALE, 0.0, bad, RefitConfig())
 
 
+@pytest.mark.parametrize("offsets", [False, True], ids=["clip", "offsets"])
+@pytest.mark.parametrize("damping", ["paper", "exact"])
+def test_the_loop_frame_evaluates_the_objective_without_forming_the_weight(
+    damping: str, offsets: bool
+) -> None:
+    """EigenFrame's terms at Y equal refit_loss's at P = P̂ + V (S ⊙ Y) Uᵀ = P̂ + Λ^{-1/2}[V Y Uᵀ] (float64)."""
+    from pipeline.bayes.online import Whitening, data_nll, prior_penalty
+    from pipeline.train.loop import EigenFrame, Objective
+
+    prior = problems.prior(damping=damping)
+    data = problems.labelled(n=30, noise=0.2, offsets=offsets)
+    text = problems.world()[1]
+    frame = EigenFrame.of(Objective(prior, text, problems.SCALE, 0.3))
+    y = 0.7 * torch.randn(
+        problems.D, problems.d, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    weight = frame.weight(y)
+    whiten = Whitening.of(prior)
+    torch.testing.assert_close(
+        weight, prior.weight + whiten(whiten.V @ y @ whiten.U.T), rtol=1e-12, atol=1e-13
+    )
+    rows = frame.rows(data)
+    expected = data_nll(weight, text, data.acts, data.labels, problems.SCALE, 0.3, data.offsets)
+    assert float(frame.data_term(y, rows)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(frame.prior_term(y)) == pytest.approx(float(prior_penalty(weight, prior)), rel=1e-10)
+
+
 def test_the_written_out_adam_is_torch_adam() -> None:
     """Same moments, bias correction and step as `torch.optim.Adam` with its defaults (float64, exact)."""
     from pipeline.train.loop import Adam
