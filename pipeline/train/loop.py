@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pipeline.bayes.kron import KronPosterior
-from pipeline.bayes.online import Whitening, check_labelled, data_nll, prior_penalty
+from pipeline.bayes.online import Whitening, check_labelled, data_nll
 from pipeline.train.config import RefitConfig
 from pipeline.train.data import TrainData
 
@@ -86,14 +86,6 @@ class Objective:
         text = self.text_mean.to(device=device, dtype=torch.float64)
         return Objective(p, text, float(self.scale), float(self.bias))
 
-    def data_term(self, weight: Tensor, rows: TrainData) -> Tensor:
-        """`Σ_i CE(s · cos(P a_i + o_i, h_c) + b, y_i)` over `rows`: scalar."""
-        return data_nll(weight, self.text_mean, rows.acts, rows.labels, self.scale, self.bias, rows.offsets)
-
-    def prior_term(self, weight: Tensor) -> Tensor:
-        """`½ vec(P − P̂)ᵀ Λ_prev vec(P − P̂)`: scalar."""
-        return prior_penalty(weight, self.prior)
-
 
 @dataclass(frozen=True)
 class EigenFrame:
@@ -102,8 +94,8 @@ class EigenFrame:
     `U`, `V` are orthogonal, so norms and inner products survive them:
     `cos(P a + o, h) = cos((S ⊙ Y) Uᵀ a + Vᵀ(P̂ a + o), Vᵀ h)`. The data term is therefore `data_nll` of the
     matrix `S ⊙ Y` on rows `Uᵀ a_i`, with offsets `Vᵀ(P̂ a_i + o_i)` and text means `Vᵀ h_c` (`rows`, made
-    once per run), and the prior term is `½‖Y‖²_F`. Both equal `Objective`'s terms at `weight(Y)` up to
-    rounding (tested).
+    once per run), and the prior term is `½‖Y‖²_F`. Both equal the terms of `refit_loss` (`data_nll`,
+    `prior_penalty`) at `weight(Y)` up to rounding (tested).
     """
 
     objective: Objective
@@ -124,13 +116,13 @@ class EigenFrame:
         return TrainData(data.acts @ self.whiten.U, data.labels, base @ self.whiten.V, data.sample_ids)
 
     def data_term(self, y: Tensor, rows: TrainData) -> Tensor:
-        """`Objective.data_term` at `weight(y)`, for rows made by `rows`: scalar."""
+        """`Σ_i CE(s · cos(P a_i + o_i, h_c) + b, y_i)` at `P = weight(y)`, on rows made by `rows`."""
         o = self.objective
         return data_nll(self.whiten.S * y, self.text, rows.acts, rows.labels, o.scale, o.bias, rows.offsets)
 
     @staticmethod
     def prior_term(y: Tensor) -> Tensor:
-        """`Objective.prior_term` at `weight(y)`: `½‖Y‖²_F`, scalar."""
+        """`½ vec(P − P̂)ᵀ Λ_prev vec(P − P̂)` at `P = weight(y)`: `½‖Y‖²_F`, scalar."""
         return 0.5 * (y * y).sum()
 
     def weight(self, y: Tensor) -> Tensor:
