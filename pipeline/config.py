@@ -54,10 +54,10 @@ def _trailing_comments(source: str) -> dict[str, str]:
             names = [t for t in line_tokens if t.type not in (tokenize.COMMENT, tokenize.NL)]
             comments = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
             last_field = None
-            if depth == 1 and len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":":
-                if comments:
-                    docs[names[0].string] = " ".join(comments)
-                    last_field, last_row = names[0].string, tok.start[0]
+            field_line = len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":"
+            if depth == 1 and field_line and comments:
+                docs[names[0].string] = " ".join(comments)
+                last_field, last_row = names[0].string, tok.start[0]
             line_tokens = []
             continue
         line_tokens.append(tok)
