@@ -103,9 +103,16 @@ class EigenFrame:
     text: Tensor  # [C, D], rows `Vᵀ h_c`
 
     @classmethod
-    def of(cls, objective: Objective) -> EigenFrame:
-        """The frame of `objective`'s prior, in float64 on the prior's device."""
+    def of(cls, objective: Objective, comm: Collective | None = None) -> EigenFrame:
+        """The frame of `objective`'s prior, in float64 on the prior's device.
+
+        Unlike `Whitening` as an operator, the coordinates `Y` depend on the signs and order of the
+        eigenvectors `eigh` returns, which may differ between devices or libraries. So rank 0's
+        eigenvectors are broadcast: every worker then sums gradients in the same coordinates.
+        """
         whiten = Whitening.of(objective.prior).to(torch.float64, objective.prior.weight.device)
+        if comm is not None:
+            whiten = Whitening(*(comm.broadcast(t.contiguous()) for t in (whiten.U, whiten.V, whiten.S)))
         return cls(objective, whiten, objective.text_mean @ whiten.V)
 
     def rows(self, data: TrainData) -> TrainData:
@@ -200,7 +207,7 @@ def run_refit(
     objective.check(train)
     objective.check(held)
     obj = objective.to(device)
-    frame = EigenFrame.of(obj)
+    frame = EigenFrame.of(obj, comm)
     train, held = frame.rows(train.to(device)), frame.rows(held.to(device))
     p_hat = obj.prior.weight  # [D, d]
 
