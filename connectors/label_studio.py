@@ -217,12 +217,8 @@ def image_folder(image_root: Path | str, project_title: str) -> Path:
     return Path(image_root).absolute() / _safe_name(project_title)
 
 
-def stage_image(image_root: Path | str, project_title: str, sample_id: str, data: bytes, ext: str) -> Path:
-    """Write the image bytes to `image_folder(...)/<sample_id>.<ext>` atomically; returns the path.
-
-    Idempotent: the same bytes are not rewritten, so a re-run round costs no I/O; other bytes replace the
-    file atomically (an annotator never sees a half-written image). Sample ids are made file-name safe.
-    """
+def _image_suffix(sample_id: str, data: bytes, ext: str) -> str:
+    """The file suffix of an image to stage, after checking it is a known image type and not empty."""
     suffix = ext.lower().lstrip(".")
     if suffix not in IMAGE_EXTENSIONS:
         raise ValueError(
@@ -230,6 +226,16 @@ def stage_image(image_root: Path | str, project_title: str, sample_id: str, data
         )
     if not data:
         raise ValueError(f"empty image for sample {sample_id!r}")
+    return suffix
+
+
+def stage_image(image_root: Path | str, project_title: str, sample_id: str, data: bytes, ext: str) -> Path:
+    """Write the image bytes to `image_folder(...)/<sample_id>.<ext>` atomically; returns the path.
+
+    Idempotent: the same bytes are not rewritten, so a re-run round costs no I/O; other bytes replace the
+    file atomically (an annotator never sees a half-written image). Sample ids are made file-name safe.
+    """
+    suffix = _image_suffix(sample_id, data, ext)
     path = image_folder(image_root, project_title) / f"{_safe_name(sample_id)}.{suffix}"
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return path
@@ -244,13 +250,7 @@ def stage_object(prefix: str, project_title: str, sample_id: str, data: bytes, e
     Names as `stage_image` makes them. One PUT, so the object appears whole or not at all; the same bytes
     are not uploaded again (a re-run round reads them back instead).
     """
-    suffix = ext.lower().lstrip(".")
-    if suffix not in IMAGE_EXTENSIONS:
-        raise ValueError(
-            f"image extension {ext!r} of sample {sample_id!r} is not one of {sorted(IMAGE_EXTENSIONS)}"
-        )
-    if not data:
-        raise ValueError(f"empty image for sample {sample_id!r}")
+    suffix = _image_suffix(sample_id, data, ext)
     if not prefix.startswith("s3://") or not prefix[5:].strip("/"):
         raise ValueError(f"image store {prefix!r} is not an s3://bucket/prefix URI")
     uri = storage.join(prefix, _safe_name(project_title), f"{_safe_name(sample_id)}.{suffix}")

@@ -126,11 +126,9 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return min(times), out
 
 
-def compare(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> dict[str, Any]:
-    """Fast and plain greedy selection on the same head and data: seconds per pick and agreement."""
+def synthetic_problem(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> tuple[Any, Any, Any, Any]:
+    """The head, pool [n_pool, d], targets [Nt, d] and class prompt activations [C, dt] every timing uses."""
     import torch
-
-    from pipeline.bayes.acquisition import select_batch, select_batch_reference
 
     dtype = _dtype(dtype_name)
     head = synthetic_head(cfg, dtype)
@@ -138,6 +136,16 @@ def compare(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> dict[str, A
     targets = synthetic_acts(cfg.targets, cfg.d, cfg.seed + 2, dtype)
     text = torch.randn(cfg.classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
     text = text.to(dtype)
+    return head, pool, targets, text
+
+
+def compare(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> dict[str, Any]:
+    """Fast and plain greedy selection on the same head and data: seconds per pick and agreement."""
+    import torch
+
+    from pipeline.bayes.acquisition import select_batch, select_batch_reference
+
+    head, pool, targets, text = synthetic_problem(cfg, dtype_name, n_pool)
     ref_budget = cfg.budget if cfg.reference_budget is None else min(cfg.reference_budget, cfg.budget)
     kwargs: dict[str, Any] = {"method": cfg.method, "target_acts": targets, "k": cfg.draws}
     load_before = os.getloadavg()[0]
@@ -239,12 +247,7 @@ def profile_step(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> dict[s
     from pipeline.bayes.acquisition import JointDraws, condition_on_unlabelled, epig, ggn_root
     from pipeline.bayes.lowrank import eigh_rank_one_update
 
-    dtype = _dtype(dtype_name)
-    head = synthetic_head(cfg, dtype)
-    pool = synthetic_acts(n_pool, cfg.d, cfg.seed + 1, dtype)
-    targets = synthetic_acts(cfg.targets, cfg.d, cfg.seed + 2, dtype)
-    text = torch.randn(cfg.classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
-    text = text.to(dtype)
+    head, pool, targets, text = synthetic_problem(cfg, dtype_name, n_pool)
     image, k, r = head.image, cfg.draws, cfg.repeats
 
     def gen() -> torch.Generator:

@@ -24,6 +24,7 @@ from connectors.label_studio import (
     inline_image,
     local_files_url,
     stage_image,
+    stage_object,
 )
 from connectors.services import LabelStudioService
 
@@ -139,6 +140,18 @@ def test_stage_image_is_atomic_idempotent_and_file_name_safe(tmp_path: Path) -> 
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp files left
     with pytest.raises(ValueError, match="extension"):
         stage_image(tmp_path, "p", "s", data, "exe")
+    with pytest.raises(ValueError, match="empty image for sample 's'"):
+        stage_image(tmp_path, "p", "s", b"", "png")
+
+
+def test_stage_object_refuses_what_stage_image_refuses_and_a_non_s3_prefix() -> None:
+    """The checks run before any upload, so none of these needs an object store."""
+    with pytest.raises(ValueError, match="extension 'exe' of sample 's'"):
+        stage_object("s3://bucket/images", "p", "s", b"x", "exe")
+    with pytest.raises(ValueError, match="empty image for sample 's'"):
+        stage_object("s3://bucket/images", "p", "s", b"", "png")
+    with pytest.raises(ValueError, match="is not an s3://bucket/prefix URI"):
+        stage_object("gs://bucket/images", "p", "s", b"x", "png")
 
 
 @pytest.mark.services
