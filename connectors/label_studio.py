@@ -3,8 +3,10 @@
 Tasks carry our own `sample_id` and round number in their data. Label Studio dedupes nothing, so an import
 lists the sample ids already in the project and sends only the new ones, then re-lists and deletes the
 duplicates that a concurrent importer may have created (keeping the lowest task id, never an annotated task).
-Every request is retried on connection errors and 5xx with exponential backoff for `retry_for` seconds;
-401/403/404 raise at once; errors name the server and the project, never the token.
+Every request is retried on connection errors, 5xx, 408 and 429 with exponential backoff for `retry_for`
+seconds, then raises `LabelStudioUnavailable`; 401/403 (`LabelStudioAuthError`), 404 (`LabelStudioNotFound`)
+and any other 4xx (`LabelStudioRejected`) raise at once. Errors name the server and the project, never the
+token.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ IMPORT_BATCH = 1000  # tasks per import request
 ID_BATCH = 300  # task ids per request that selects tasks by id (keeps URLs short)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"})
 PRESIGN_TTL_MINUTES = 15  # lifetime of a URL Label Studio presigns for an S3 image (it signs anew per view)
+TRANSIENT_4XX = frozenset({408, 429})  # request timeout, too many requests: retried like a 5xx
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # data keys usable as Data Manager columns
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -57,6 +60,14 @@ _HEAVY_FIELDS = (
 
 class LabelStudioError(RuntimeError):
     """Label Studio answered with an error we cannot recover from (or kept failing after the retries)."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Unreachable, 5xx, or throttled (408/429) for the whole retry window: an outage, worth a later retry."""
+
+
+class LabelStudioRejected(LabelStudioError):
+    """A 4xx other than 401/403/404: the request itself is wrong, so a retry would be refused the same way."""
 
 
 class LabelStudioAuthError(LabelStudioError):
@@ -611,8 +622,8 @@ class LabelStudioClient:
                 todo = [sid for sid in todo if sid not in present]
                 continue
             ids = [int(i) for i in response.task_ids or []]
-            if len(ids) != len(todo):
-                raise LabelStudioError(
+            if len(ids) != len(todo):  # the import dedupes, so the next step's redo is safe
+                raise LabelStudioUnavailable(
                     f"Label Studio at {self.url}: imported {len(todo)} tasks into project {project.title!r} "
                     f"but it returned {len(ids)} task ids"
                 )
@@ -878,7 +889,9 @@ class LabelStudioClient:
     def _retry_or_raise(self, exc: Exception, what: str, attempt: int, deadline: float) -> int:
         """Sleep and return the next attempt number for transient failures; raise a clear error otherwise."""
         status = exc.status_code if isinstance(exc, ApiError) else None
-        transient = isinstance(exc, httpx.TransportError) or (status is not None and status >= 500)
+        transient = isinstance(exc, httpx.TransportError) or (
+            status is not None and (status >= 500 or status in TRANSIENT_4XX)
+        )
         if transient and time.monotonic() < deadline:
             self._follow_restart()
             delay = min(self.backoff * 2**attempt, self.max_backoff)
@@ -895,14 +908,14 @@ class LabelStudioClient:
         if status == 404:
             raise LabelStudioNotFound(f"Label Studio at {self.url}: not found (HTTP 404) to {what}") from None
         if transient:
-            raise LabelStudioError(
+            raise LabelStudioUnavailable(
                 f"Label Studio at {self.url} unreachable or failing: could not {what} within "
                 f"{self.retry_for:g} s ({attempt + 1} attempts, last: {_brief(exc)}); is the server up? "
                 "(`bayescurate services status`)"
             ) from None
         if isinstance(exc, ApiError):
-            raise LabelStudioError(
-                f"Label Studio at {self.url}: {what} failed (HTTP {status}): {exc.body}"
+            raise LabelStudioRejected(
+                f"Label Studio at {self.url} rejected the request to {what} (HTTP {status}): {exc.body}"
             ) from None
         raise exc
 

@@ -8,10 +8,11 @@
 
 Exit codes:
     0  progressed, done, or waiting for answers (`serve`: stopped by SIGTERM/SIGINT)
-    2  bad input, named in the message
+    2  bad input, named in the message (a refused token, a missing project, a request Label Studio rejects)
     3  another step holds the campaign's lease: nothing was changed
-    4  Label Studio unreachable or failing after the client's retries (`label_studio_retry_s`): the
-       failed transition changed nothing (outputs are written before `state.json`), the next step redoes it
+    4  Label Studio unreachable, failing (5xx) or throttling (408/429) after the client's retries
+       (`label_studio_retry_s`): the failed transition changed nothing (outputs are written before
+       `state.json`), the next step redoes it
 The webhook's shared secret comes from `$BAYESCURATE_WEBHOOK_SECRET` or `--secret-file`, never a flag value.
 """
 
@@ -118,12 +119,11 @@ def leased(fn):  # type: ignore[no-untyped-def]
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """Label Studio down or failing; a refused token or a missing project is bad input instead (exit 2)."""
-    from connectors.label_studio import LabelStudioAuthError, LabelStudioError, LabelStudioNotFound
+    """Label Studio down, failing or throttling past the retries. A refused token, a missing project or a
+    rejected request is bad input instead (exit 2): running it again would fail the same way."""
+    from connectors.label_studio import LabelStudioUnavailable
 
-    return isinstance(exc, LabelStudioError) and not isinstance(
-        exc, LabelStudioAuthError | LabelStudioNotFound
-    )
+    return isinstance(exc, LabelStudioUnavailable)
 
 
 def run_init(cfg: InitConfig) -> int:

@@ -18,6 +18,8 @@ from connectors.label_studio import (
     LabelStudioAuthError,
     LabelStudioClient,
     LabelStudioError,
+    LabelStudioRejected,
+    LabelStudioUnavailable,
     Prediction,
     Project,
     TaskInput,
@@ -26,6 +28,7 @@ from connectors.label_studio import (
     local_files_url,
 )
 from connectors.services import LabelStudioService
+from jobs.campaign import _unavailable
 from tests.fixtures_services import restart_label_studio
 
 CLASSES = ["cat", "dog", "bird & fish"]
@@ -168,12 +171,68 @@ def test_unreachable_server_is_a_clear_error_after_the_retry_deadline(
     }
     with caplog.at_level(logging.DEBUG):
         for name, call in calls.items():
-            with pytest.raises(LabelStudioError, match="unreachable or failing") as info:
+            with pytest.raises(LabelStudioUnavailable, match="unreachable or failing") as info:
                 call()
             message = str(info.value)
             assert url in message and "'campaign x'" in message and "ConnectError" in message, name
-            assert not isinstance(info.value, LabelStudioAuthError)
+            assert _unavailable(info.value)  # `campaign` exits 4: run it again once the server is back
     assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("answers", "outcome"),
+    [
+        ((429, 503, 408, 200), 4),  # throttled and failing, then served: retried until it is
+        ((429,) * 1000, LabelStudioUnavailable),  # throttled for the whole window: an outage
+        ((400, 200), LabelStudioRejected),  # a wrong request: refused the same way again, so never retried
+        ((422, 200), LabelStudioRejected),
+        ((401, 200), LabelStudioAuthError),
+    ],
+)
+def test_which_answers_are_retried(answers: tuple[int, ...], outcome: int | type[LabelStudioError]) -> None:
+    from label_studio_sdk.core.api_error import ApiError
+
+    client = LabelStudioClient("http://127.0.0.1:1", "token", retry_for=0.5, backoff=0.01, max_backoff=0.02)
+    calls = iter(answers)
+    made = 0
+
+    def request() -> str:
+        nonlocal made
+        made += 1
+        status = next(calls)
+        if status != 200:
+            raise ApiError(status_code=status, headers={}, body={"detail": f"answer {status}"})
+        return "served"
+
+    if isinstance(outcome, int):
+        assert client._call("list tasks", request) == "served" and made == outcome
+        return
+    with pytest.raises(outcome) as info:
+        client._call("list tasks", request)
+    assert _unavailable(info.value) is (outcome is LabelStudioUnavailable)
+    if outcome is LabelStudioRejected:
+        assert made == 1 and f"HTTP {answers[0]}" in str(info.value) and "to list tasks" in str(info.value)
+    elif outcome is LabelStudioUnavailable:
+        assert 1 < made < len(answers) and "HTTP 429" in str(info.value)
+
+
+@pytest.mark.services
+def test_a_request_the_real_server_rejects_fails_at_once_naming_its_reason(
+    label_studio_client: LabelStudioClient,
+) -> None:
+    made = 0
+
+    def create() -> object:
+        nonlocal made
+        made += 1
+        return label_studio_client.sdk.projects.create(title=_name("rejected"), label_config="<View><Choices")
+
+    with pytest.raises(
+        LabelStudioRejected, match=r"rejected the request to create a project \(HTTP 400\)"
+    ) as info:
+        label_studio_client._call("create a project", create)
+    assert made == 1 and "label_config" in str(info.value)
+    assert not _unavailable(info.value)  # `campaign` exits 2 with this line, not 4
 
 
 @pytest.mark.services
