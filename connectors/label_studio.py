@@ -49,7 +49,9 @@ ID_BATCH = 300  # task ids per request that selects tasks by id (keeps URLs shor
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"})
 PRESIGN_TTL_MINUTES = 15  # lifetime of a URL Label Studio presigns for an S3 image (it signs anew per view)
 TRANSIENT_4XX = frozenset({408, 429})  # request timeout, too many requests: retried like a 5xx
-WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+# One annotation created, edited; many created at once (the Data Manager's "Create Annotations From
+# Predictions"); many deleted.
+WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # data keys usable as Data Manager columns
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Task fields an annotation listing does not need (predictions and drafts can outweigh the answers).

@@ -1,10 +1,11 @@
 """`campaign serve`: Label Studio's annotation webhooks step the campaign, so a round trains when answered.
 
-Label Studio posts `ANNOTATION_CREATED`, `ANNOTATION_UPDATED` and `ANNOTATIONS_DELETED` to `POST /webhook`
-during the request that made the change, and waits at most a second for the answer. A request is therefore
-only checked and acknowledged (202): the shared secret in `X-Bayescurate-Secret` (else 403, and nothing
-happens), a JSON body with an `action` and its payload (else 400), the campaign's project (else 202 and
-ignored). The work happens in one stepper thread:
+Label Studio posts `ANNOTATION_CREATED`, `ANNOTATION_UPDATED`, `ANNOTATIONS_CREATED` (many at once: the Data
+Manager's "Create Annotations From Predictions") and `ANNOTATIONS_DELETED` to `POST /webhook` during the
+request that made the change, and waits at most a second for the answer. A request is therefore only checked
+and acknowledged (202): the shared secret in `X-Bayescurate-Secret` (else 403, and nothing happens), a JSON
+body with an `action` and its payload (else 400), the campaign's project (else 202 and ignored).
+The work happens in one stepper thread:
 - an accepted event sets `pending` and wakes the stepper; the stepper clears `pending`, then runs
   `campaign.step`, which holds the campaign's lease like `campaign step` does (one stepper at a time,
   across processes too). A step while the round still waits only re-counts its answers and returns.
@@ -49,6 +50,7 @@ MAX_BODY = 16 * 2**20  # bytes; a payload carries one task's data (inline images
 TRIGGERS: Mapping[str, tuple[str, type]] = {
     "ANNOTATION_CREATED": ("annotation", dict),
     "ANNOTATION_UPDATED": ("annotation", dict),
+    "ANNOTATIONS_CREATED": ("annotation", list),  # sic: the bulk action keeps the singular key
     "ANNOTATIONS_DELETED": ("annotations", list),
 }
 

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from connectors.annotator_bot import BotAnnotator
-from connectors.label_studio import LabelStudioClient, Project, TaskInput, inline_image
+from connectors.label_studio import (
+    WEBHOOK_ACTIONS,
+    LabelStudioClient,
+    Prediction,
+    Project,
+    TaskInput,
+    inline_image,
+)
 
 CLASSES = ["cat", "dog"]
 SECRET = "X-Bayescurate-Secret"
@@ -65,7 +72,7 @@ def test_webhook_is_registered_once_and_delivers_annotations_with_the_secret(
         h for h in label_studio_client.sdk.webhooks.list(project=str(project.id)) if h.project == project.id
     ]
     assert [(h.id, h.url, h.headers) for h in mine] == [(hook, url, {SECRET: "s3cret"})]
-    assert sorted(mine[0].actions) == ["ANNOTATIONS_DELETED", "ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+    assert sorted(mine[0].actions) == sorted(WEBHOOK_ACTIONS)
 
     label_studio_client.import_tasks(project, [TaskInput("s1", inline_image(b"x"), round=1)])
     task_id = label_studio_client.task_ids(project)["s1"]
@@ -81,6 +88,22 @@ def test_webhook_is_registered_once_and_delivers_annotations_with_the_secret(
     assert headers[SECRET.lower()] == "s3cret" and body["annotation"]["result"][0]["value"]["choices"] == [
         "dog"
     ]
+
+    # The Data Manager's "Create Annotations From Predictions" makes many at once: one ANNOTATIONS_CREATED
+    # whose `annotation` (singular) is a list.
+    guessed = [
+        TaskInput(f"p{i}", inline_image(b"x"), round=1, prediction=Prediction("dog", 0.8)) for i in (1, 2)
+    ]
+    label_studio_client.import_tasks(project, guessed)
+    ids = label_studio_client.task_ids(project)
+    chosen = sorted(ids[t.sample_id] for t in guessed)
+    label_studio_client.sdk.actions.create(
+        id="predictions_to_annotations", project=project.id, selected_items={"all": False, "included": chosen}
+    )
+    headers, body = _next(received, "ANNOTATIONS_CREATED")
+    assert headers[SECRET.lower()] == "s3cret" and body["project"]["id"] == project.id
+    assert sorted(a["task"] for a in body["annotation"]) == chosen
+    assert [a["result"][0]["value"]["choices"] for a in body["annotation"]] == [["dog"], ["dog"]]
 
 
 def test_webhook_arguments_are_checked_before_any_request() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -176,6 +177,25 @@ def test_label_studio_webhooks_step_the_campaign(
         rows = [r for r in read_rows(str(directory)) if r.annotation_id == f"ls:{answer.annotation_id}"]
         assert [r.deleted for r in rows] == [False, True]
         assert server.stats.events["ANNOTATIONS_DELETED"] == 1
+
+        # "Create Annotations From Predictions" in the Data Manager, on two of round 1's tasks: one
+        # ANNOTATIONS_CREATED, and both answers (the model's predictions, accepted by a person) are collected.
+        picks = pq.read_table(directory / "rounds/001/picks.parquet").to_pylist()
+        ids = client.task_ids(project)
+        chosen = {ids[p["sample_id"]]: p["predicted"] for p in picks[:2]}
+        client.sdk.actions.create(
+            id="predictions_to_annotations",
+            project=project.id,
+            selected_items={"all": False, "included": sorted(chosen)},
+        )
+        _poll(
+            "the accepted predictions",
+            lambda: read_state(str(directory)).rounds[1].counts.get("answered") == 2,
+        )
+        latest = {r.annotation_id: r for r in read_rows(str(directory)) if r.round == 1}  # last version each
+        accepted = {r.task_id: r.label for r in latest.values() if not r.deleted}
+        assert accepted == chosen
+        assert server.stats.events["ANNOTATIONS_CREATED"] == 1
         assert server.wait_idle(TIMEOUT) and server.stats.failures == 0
     finally:
         server.close()
