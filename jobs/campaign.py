@@ -9,7 +9,7 @@
 Exit codes:
     0  progressed, done, or waiting for answers (`serve`: stopped by SIGTERM/SIGINT)
     2  bad input, named in the message (a refused token, a missing project, a request Label Studio rejects)
-    3  another step holds the campaign's lease: nothing was changed
+    3  another step holds the campaign's lease: nothing was changed (`step --busy-ok`: 0)
     4  Label Studio unreachable, failing (5xx) or throttling (408/429) after the client's retries
        (`label_studio_retry_s`): the failed transition changed nothing (outputs are written before
        `state.json`), the next step redoes it
@@ -65,6 +65,7 @@ class StepConfig(Config):
 
     dir: str  # campaign directory
     force: bool = False  # train the waiting round on the answers there are (ignore min_answered once)
+    busy_ok: bool = False  # exit 0, not 3, when another step holds the lease (a scheduled tick that overlaps)
 
 
 class RunConfig(Config):
@@ -96,15 +97,16 @@ class ServeConfig(Config):
 
 
 def leased(fn):  # type: ignore[no-untyped-def]
-    """Exit code 3 with the owner's description when another step holds the lease; 4 with the connector's
-    one-line message when Label Studio stayed unreachable (or kept failing) through the retries."""
+    """Exit code 3 with the owner's description when another step holds the lease (0 with `busy_ok`: the
+    running step does the work); 4 with the connector's one-line message when Label Studio stayed
+    unreachable (or kept failing) through the retries."""
 
     def wrapper(cfg):  # type: ignore[no-untyped-def]
         try:
             return fn(cfg)
         except LeaseHeld as held:
             print(f"busy: {held}", file=sys.stderr)
-            return LEASE_HELD
+            return 0 if getattr(cfg, "busy_ok", False) else LEASE_HELD
         except Exception as exc:
             if not _unavailable(exc) or os.environ.get("BAYESCURATE_DEBUG"):
                 raise

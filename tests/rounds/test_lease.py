@@ -49,6 +49,11 @@ def test_step_exits_3_while_another_process_holds_the_lease_and_takes_over_a_dea
         assert time.monotonic() - started < 30  # at once, not after a timeout (generous for a loaded CI)
         err = capsys.readouterr().err
         assert f"pid {proc.pid}" in err and "test holder" in err and "without changing anything" in err
+        assert campaign_cli.main(["step", str(tmp_path), "--busy-ok"]) == 0  # a scheduled tick: no failure
+        assert (
+            f"busy: campaign {str(tmp_path)!r} is being stepped by pid {proc.pid}" in capsys.readouterr().err
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lease"]  # and nothing else was written
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

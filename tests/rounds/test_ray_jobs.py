@@ -185,18 +185,20 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
             started.stop()
 
 
-def _step_entrypoint(directory: Path) -> str:
-    return f"bayescurate campaign step {shlex.quote(str(directory))}"
+def _step_entrypoint(directory: Path, *flags: str) -> str:
+    return shlex.join(["bayescurate", "campaign", "step", str(directory), *flags])
 
 
 def _runtime_env(**env: str) -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", **env}}
 
 
-def _submit(head: Head, directory: Path, **env: str) -> str:
+def _submit(head: Head, directory: Path, *flags: str, **env: str) -> str:
     return str(
         head.client.submit_job(
-            entrypoint=_step_entrypoint(directory), runtime_env=_runtime_env(**env), entrypoint_num_cpus=0
+            entrypoint=_step_entrypoint(directory, *flags),
+            runtime_env=_runtime_env(**env),
+            entrypoint_num_cpus=0,
         )
     )
 
@@ -272,6 +274,13 @@ def test_a_second_step_while_one_runs_exits_3_naming_the_owner_and_changes_nothi
     assert "busy: campaign" in logs and "(campaign step)" in logs, logs[-3000:]
     assert f"pid {owner['pid']} on {owner['host']}" in logs, (owner, logs[-3000:])
     assert (directory / STATE_FILE).read_bytes() == before  # the refused step wrote nothing
+    assert not (directory / "rounds").exists()
+
+    # A scheduled tick (the CronJob's `--busy-ok`): the same line and nothing changed, but a success.
+    info, logs = _finished(head, _submit(head, directory, "--busy-ok"))
+    assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0, (info.message, logs[-3000:])
+    assert "busy: campaign" in logs and f"pid {owner['pid']} on {owner['host']}" in logs, logs[-3000:]
+    assert (directory / STATE_FILE).read_bytes() == before
     assert not (directory / "rounds").exists()
 
     # Release the first job: a reader that never blocks a writer (Linux opens a FIFO O_RDWR at once). The
