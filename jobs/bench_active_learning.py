@@ -576,25 +576,25 @@ def diagnostics(
     if targets is None:
         raise ValueError(f"{directory} is not a targeted campaign")
     head, text_acts, text_offset = c.start_head, c.cache.text_acts, c.cache.text_offset
+    scored, scored_targets = pool.rescored(head).rows, targets.rescored(head).rows  # as round 0 selects
     index = candidates(
-        pool.rows.mean, pool.rows.var, targets.rows.mean, targets.rows.var, c.cfg.neighbours, c.cfg.metric
+        scored.mean, scored.var, scored_targets.mean, scored_targets.var, c.cfg.neighbours, c.cfg.metric
     )
     cand = pool.take(index)
-    domains = cand.rows.columns["domain"]
+    domains = cand.columns["domain"]
     target = cfg.target_domain.value
     keep = targets if len(targets) <= c.cfg.max_targets else targets.take(torch.arange(c.cfg.max_targets))
     kwargs = {"pool_offsets": cand.offsets, "text_offset": text_offset, "target_offsets": keep.offsets}
 
     def joint(seed: int, method: Method = Method.EPIG) -> torch.Tensor:
-        acts = cand.rows.acts
         return score_pool(
-            head, acts, text_acts, method=method, target_acts=keep.rows.acts, k=cfg.draws, seed=seed, **kwargs
+            head, cand.acts, text_acts, method=method, target_acts=keep.acts, k=cfg.draws, seed=seed, **kwargs
         )
 
     def independent(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        lp = head.logits(cand.rows.acts, text_acts, image_offset=cand.offsets, text_offset=text_offset)
-        lt = head.logits(keep.rows.acts, text_acts, image_offset=keep.offsets, text_offset=text_offset)
+        lp = head.logits(cand.acts, text_acts, image_offset=cand.offsets, text_offset=text_offset)
+        lt = head.logits(keep.acts, text_acts, image_offset=keep.offsets, text_offset=text_offset)
         return epig(lp.sample_probs(cfg.draws, gen), lt.sample_probs(cfg.draws, gen))
 
     scores = {
@@ -610,7 +610,7 @@ def diagnostics(
     out: dict[str, Any] = {
         "candidates": len(cand),
         "pool": len(pool),
-        "target_share_pool": sum(d == target for d in pool.rows.columns["domain"]) / len(pool),
+        "target_share_pool": sum(d == target for d in pool.columns["domain"]) / len(pool),
         "target_share_candidates": sum(d == target for d in domains) / len(domains),
         "scores": {
             name: {
@@ -626,13 +626,13 @@ def diagnostics(
     }
     variance: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict[str, float]] = {}
-    all_domains = pool.rows.columns["domain"]
+    all_domains = pool.columns["domain"]
     evaluation = c.eval_rows()
     classes = c.cache.classes
     truth = None if evaluation is None else label_indices(evaluation, cfg.task, classes)  # [Ne]
     for label, posterior in {"start": Path(c.cfg.posterior), **final_posteriors}.items():
         h = c.cache.head(str(posterior))
-        _, var = h.image_embeddings(pool.rows.acts, pool.offsets)  # [N, D]
+        _, var = h.image_embeddings(pool.acts, pool.offsets)  # [N, D]
         per_row = var.sum(dim=1)
         variance[label] = {
             d: float(per_row[torch.tensor([x == d for x in all_domains])].mean())

@@ -10,6 +10,7 @@ independent per-logit noise are there as baselines.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -89,19 +90,34 @@ def file_meta(table: pa.Table) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def read_embeddings(uri: str) -> EmbeddingSet:
-    """Load every part file of an embeddings directory written by `bayescurate embed --activations`."""
+def read_embedding_table(uri: str, vector_columns: Sequence[str] = VECTOR_COLUMNS) -> tuple[pa.Table, dict]:
+    """Every part file of an embeddings directory (quarantine excluded) as one table, and their metadata.
+
+    Reads `sample_id`, the scalar columns and only the vector columns named (each must be there); checks
+    that all files come from one posterior.
+    """
     files = [f for f in storage.list_files(uri, suffix=".parquet") if "/quarantine/" not in f]
     if not files:
         raise FileNotFoundError(f"no embedding Parquet files under {uri!r}")
     tables, meta = [], None
     for path in files:
         fs, p = storage.resolve(path)
-        table = pq.read_table(p, filesystem=fs)
-        for needed in VECTOR_COLUMNS:
-            if needed not in table.column_names:
+        schema = pq.read_schema(p, filesystem=fs)
+        for needed in vector_columns:
+            if needed not in schema.names:
                 hint = " (embed with --activations)" if needed == "acts" else ""
                 raise ValueError(f"{path!r} has no {needed!r} column{hint}")
+        wanted = [
+            f.name
+            for f in schema
+            if f.name in vector_columns
+            or (
+                f.name not in VECTOR_COLUMNS
+                and not pa.types.is_list(f.type)
+                and not pa.types.is_fixed_size_list(f.type)
+            )
+        ]
+        table = pq.read_table(p, filesystem=fs, columns=wanted)
         this = file_meta(table)
         if meta is None:
             meta = this
@@ -111,21 +127,30 @@ def read_embeddings(uri: str) -> EmbeddingSet:
                 f"{this.get('posterior_id')} ({path!r}): re-embed into a fresh directory"
             )
         tables.append(table)
-    table = pa.concat_tables(tables, promote_options="default")
-    scalar = [
-        f.name
+    return pa.concat_tables(tables, promote_options="default"), meta or {}
+
+
+def scalar_columns(table: pa.Table) -> dict[str, list]:
+    """The columns of `table` other than `sample_id` and the vectors, as Python lists."""
+    return {
+        f.name: table.column(f.name).to_pylist()
         for f in table.schema
         if f.name not in ("sample_id", *VECTOR_COLUMNS)
         and not pa.types.is_list(f.type)
         and not pa.types.is_fixed_size_list(f.type)
-    ]
+    }
+
+
+def read_embeddings(uri: str) -> EmbeddingSet:
+    """Load every part file of an embeddings directory written by `bayescurate embed --activations`."""
+    table, meta = read_embedding_table(uri)
     return EmbeddingSet(
         table.column("sample_id").to_pylist(),
         vectors.tensor(table, "mean"),
         vectors.tensor(table, "var"),
         vectors.tensor(table, "acts"),
-        {name: table.column(name).to_pylist() for name in scalar},
-        meta or {},
+        scalar_columns(table),
+        meta,
     )
 
 

@@ -235,7 +235,7 @@ class Campaign:
         taken = {sid for r in state.rounds for sid in self.picks(r.index)}
         pool = self.pool()
         keep = torch.tensor(
-            [i for i, sid in enumerate(pool.rows.sample_ids) if sid not in taken], dtype=torch.long
+            [i for i, sid in enumerate(pool.sample_ids) if sid not in taken], dtype=torch.long
         )
         if len(keep) == 0:
             return state, f"the pool is exhausted ({len(pool)} rows, all picked)"
@@ -309,11 +309,11 @@ class Campaign:
         picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
         pool = self.pool()
         sources: dict[str, str] = {}
-        if "source" in pool.rows.columns:
+        if "source" in pool.columns:
             wanted = {p["sample_id"] for p in picks}
             sources = {
                 sid: src
-                for sid, src in zip(pool.rows.sample_ids, pool.rows.columns["source"], strict=True)
+                for sid, src in zip(pool.sample_ids, pool.columns["source"], strict=True)
                 if sid in wanted
             }
         run_url = self.tracker.url(round_.mlflow_run_id) if round_.mlflow_run_id else None
@@ -377,7 +377,7 @@ class Campaign:
         table = storage.read_parquet(storage.join(round_dir(self.directory, index), "labels.parquet"))
         ids, names = table.column("sample_id").to_pylist(), table.column("label").to_pylist()
         pool = self.pool()
-        at = {sid: i for i, sid in enumerate(pool.rows.sample_ids)}
+        at = {sid: i for i, sid in enumerate(pool.sample_ids)}
         missing = [sid for sid in ids if sid not in at]
         if missing:
             raise ValueError(
@@ -386,7 +386,7 @@ class Campaign:
         rows = pool.take(torch.tensor([at[sid] for sid in ids], dtype=torch.long))
         index_of = {c: i for i, c in enumerate(self.cache.classes)}
         data = TrainData(
-            acts=rows.rows.acts.double(),
+            acts=rows.acts.double(),
             labels=torch.tensor([index_of[n] for n in names], dtype=torch.long),
             offsets=None if rows.offsets is None else rows.offsets.double(),
             sample_ids=list(ids),

@@ -13,14 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.artifacts.posterior import image_weight, load_head, projection_sha256, read_info
 from pipeline.bayes.head import BayesHead
 from pipeline.classes import ClassSpec, class_text_features, read_classes
-from pipeline.io import storage, tensors
-from pipeline.selection import EmbeddingSet, read_embeddings
+from pipeline.io import storage, tensors, vectors
+from pipeline.selection import EmbeddingSet, read_embedding_table, scalar_columns
 
 CACHE = "cache/model.safetensors"
 CACHE_FORMAT = "bayescurate.campaign-cache/1"
@@ -95,7 +96,51 @@ def read_cache(directory: str) -> ModelCache:
 
 @dataclass(frozen=True)
 class Rows:
-    """Embedded rows with their offsets against the starting projection (None: CLIP, no offset)."""
+    """Rows of an embeddings directory as a campaign computes from them: ids, activations, the scalar
+    columns, and the offsets against the starting projection (None: CLIP, no offset).
+
+    The stored Gaussian embeddings are not kept: every round re-scores the rows under its own posterior
+    (`rescored`), so holding them would only double the memory of a large pool.
+    """
+
+    sample_ids: list[str]
+    acts: Tensor  # [N, d] float64
+    columns: dict[str, list]  # the scalar columns (source, domain, labels, ...)
+    meta: dict[str, Any]  # the `bayescurate` metadata of the files
+    offsets: Tensor | None  # [N, D] float64
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def take(self, index: Tensor) -> Rows:
+        at = index.tolist()
+        return Rows(
+            [self.sample_ids[i] for i in at],
+            self.acts[index],
+            {k: [v[i] for i in at] for k, v in self.columns.items()},
+            self.meta,
+            None if self.offsets is None else self.offsets[index],
+        )
+
+    def rescored(self, head: BayesHead) -> Scored:
+        """The rows with the Gaussian embeddings of `head`: `P a + offset`, and its variance."""
+        means, variances = [], []
+        for lo in range(0, len(self), CHUNK):
+            acts = self.acts[lo : lo + CHUNK]
+            offset = None if self.offsets is None else self.offsets[lo : lo + CHUNK]
+            mean, var = head.image_embeddings(acts, offset)
+            means.append(mean)
+            variances.append(var)
+        empty = torch.zeros(0, head.dim, dtype=self.acts.dtype)
+        mean = torch.cat(means) if means else empty
+        var = torch.cat(variances) if variances else empty
+        rows = EmbeddingSet(self.sample_ids, mean, var, self.acts, self.columns, self.meta)
+        return Scored(rows, self.offsets)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Rows re-scored under one posterior: the embedding set selection works on, with the rows' offsets."""
 
     rows: EmbeddingSet
     offsets: Tensor | None  # [N, D]
@@ -103,37 +148,39 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, index: Tensor) -> Rows:
-        return Rows(self.rows.take(index), None if self.offsets is None else self.offsets[index])
-
-    def rescored(self, head: BayesHead) -> Rows:
-        """The same rows with the Gaussian embeddings of `head`: `P a + offset`, its variance."""
-        means, variances = [], []
-        for lo in range(0, len(self), CHUNK):
-            acts = self.rows.acts[lo : lo + CHUNK]
-            offset = None if self.offsets is None else self.offsets[lo : lo + CHUNK]
-            mean, var = head.image_embeddings(acts, offset)
-            means.append(mean)
-            variances.append(var)
-        empty = torch.zeros(0, head.dim, dtype=self.rows.mean.dtype)
-        mean = torch.cat(means) if means else empty
-        var = torch.cat(variances) if variances else empty
-        return Rows(self.rows.with_embeddings(mean, var), self.offsets)
-
 
 def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str) -> Rows:
-    """An embeddings directory of the campaign, checked to come from the starting posterior."""
-    rows = read_embeddings(uri)
+    """An embeddings directory of the campaign, checked to come from the starting posterior.
+
+    Reads the activations and the stored means only (never the variances). The means serve once, to recover
+    the offsets `mean − P̂ a` against the starting projection, a chunk at a time: a CLIP pool (no offsets)
+    never holds an [N, D] array.
+    """
+    table, meta = read_embedding_table(uri, ("mean", "acts"))
     wanted = projection_sha256(start_info)
-    if rows.meta.get("projection_sha256") != wanted:
+    if meta.get("projection_sha256") != wanted:
         raise ValueError(
             f"the {what} embeddings {uri!r} were made under another image projection than the starting "
-            f"posterior {start_info['posterior_id']} (they name {rows.meta.get('posterior_id')}): re-embed"
+            f"posterior {start_info['posterior_id']} (they name {meta.get('posterior_id')}): re-embed"
         )
-    offset = rows.mean - rows.acts @ cache.image_weight.T.to(rows.acts.dtype)  # [N, D]
-    scale = rows.mean.abs().max().clamp_min(1.0) if len(rows) else torch.tensor(1.0)
-    offsets = None if bool((offset.abs() <= 1e-5 * scale).all()) else offset
-    return Rows(rows, offsets)
+    acts = vectors.tensor(table, "acts")  # [N, d] float64
+    stored = vectors.matrix(table, "mean", np.float32)  # [N, D], as stored
+    sample_ids, columns = table.column("sample_id").to_pylist(), scalar_columns(table)
+    del table
+    weight = cache.image_weight.T.to(acts.dtype)  # [d, D]
+
+    def offset(lo: int) -> Tensor:
+        return torch.from_numpy(stored[lo : lo + CHUNK].astype(np.float64)) - acts[lo : lo + CHUNK] @ weight
+
+    # Offsets below 1e-5 of the largest |mean| are rounding (the stored means are float32): no offsets.
+    scale, largest = 1.0, 0.0
+    for lo in range(0, len(acts), CHUNK):
+        scale = max(scale, float(np.abs(stored[lo : lo + CHUNK]).max(initial=0.0)))
+        largest = max(largest, float(offset(lo).abs().max()))
+    offsets = None
+    if largest > 1e-5 * scale:
+        offsets = torch.cat([offset(lo) for lo in range(0, len(acts), CHUNK)])
+    return Rows(sample_ids, acts, columns, meta, offsets)
 
 
 def read_spec(classes: str) -> ClassSpec:

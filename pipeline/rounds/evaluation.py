@@ -24,7 +24,7 @@ REPORTED = ("accuracy", "nll", "ece", "brier")
 
 def predictives(head: BayesHead, cache: ModelCache, rows: Rows) -> dict[str, torch.Tensor]:
     """{"MAP": probs [N, C], "Bayes": probs [N, C]} of the rows under `head`."""
-    acts = rows.rows.acts
+    acts = rows.acts
     logits = head.logits(acts, cache.text_acts, image_offset=rows.offsets, text_offset=cache.text_offset)
     mean_x, _ = head.image_embeddings(acts, rows.offsets)
     mean_y, _ = head.text_embeddings(cache.text_acts, cache.text_offset)
@@ -33,12 +33,12 @@ def predictives(head: BayesHead, cache: ModelCache, rows: Rows) -> dict[str, tor
 
 
 def label_indices(rows: Rows, column: str, classes: Sequence[str]) -> torch.Tensor:
-    if column not in rows.rows.columns:
+    if column not in rows.columns:
         raise ValueError(
-            f"the evaluation set has no label column {column!r}; columns: {sorted(rows.rows.columns)}"
+            f"the evaluation set has no label column {column!r}; columns: {sorted(rows.columns)}"
         )
     index = {c: i for i, c in enumerate(classes)}
-    values = rows.rows.columns[column]
+    values = rows.columns[column]
     unknown = sorted({v for v in values if v not in index})
     if unknown:
         raise ValueError(
@@ -57,8 +57,8 @@ def evaluate(
     for name, p in probs.items():
         report = metrics.calibration_report(p, labels, N_BINS)
         out[name] = {k: float(report[k]) for k in (*REPORTED, "mean_confidence")}
-    if domain_column and domain_column in rows.rows.columns:
-        domains = rows.rows.columns[domain_column]
+    if domain_column and domain_column in rows.columns:
+        domains = rows.columns[domain_column]
         out["domains"] = {}
         for domain in sorted({str(d) for d in domains}):
             mask = torch.tensor([str(d) == domain for d in domains])
