@@ -20,8 +20,8 @@ def vector_column(values: np.ndarray | torch.Tensor) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def matrix(table: pa.Table, name: str, dtype: np.dtype | type = np.float64) -> np.ndarray:
-    """A vector column of `table` as a [N, D] array of `dtype`."""
+def matrix(table: pa.Table, name: str, dtype: np.dtype | type | None = np.float64) -> np.ndarray:
+    """A vector column of `table` as a [N, D] array of `dtype` (None: as stored, a read-only view)."""
     if name not in table.column_names:
         raise ValueError(f"no vector column {name!r}; columns: {table.column_names}")
     field = table.schema.field(name)
@@ -29,7 +29,8 @@ def matrix(table: pa.Table, name: str, dtype: np.dtype | type = np.float64) -> n
         raise ValueError(f"column {name!r} has type {field.type}, expected fixed_size_list<float>[D]")
     width = field.type.list_size
     column = table.column(name).combine_chunks() if table.num_rows else pa.array([], field.type)
-    return np.asarray(column.flatten()).reshape(-1, width).astype(dtype, copy=False)
+    values = np.asarray(column.flatten()).reshape(-1, width)
+    return values if dtype is None else values.astype(dtype, copy=False)
 
 
 def tensor(table: pa.Table, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -164,7 +164,7 @@ def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str
             f"posterior {start_info['posterior_id']} (they name {meta.get('posterior_id')}): re-embed"
         )
     acts = vectors.tensor(table, "acts")  # [N, d] float64
-    stored = vectors.matrix(table, "mean", np.float32)  # [N, D], as stored
+    stored = vectors.matrix(table, "mean", None)  # [N, D], as stored (float32 when we wrote it)
     sample_ids, columns = table.column("sample_id").to_pylist(), scalar_columns(table)
     del table
     weight = cache.image_weight.T.to(acts.dtype)  # [d, D]
@@ -172,7 +172,7 @@ def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str
     def offset(lo: int) -> Tensor:
         return torch.from_numpy(stored[lo : lo + CHUNK].astype(np.float64)) - acts[lo : lo + CHUNK] @ weight
 
-    # Offsets below 1e-5 of the largest |mean| are rounding (the stored means are float32): no offsets.
+    # Offsets below 1e-5 of the largest |mean| are the rounding of float32 means: no offsets.
     scale, largest = 1.0, 0.0
     for lo in range(0, len(acts), CHUNK):
         scale = max(scale, float(np.abs(stored[lo : lo + CHUNK]).max(initial=0.0)))

@@ -30,15 +30,18 @@ def _cache(weight: torch.Tensor) -> ModelCache:
     )
 
 
-def _write(folder: Path, mean: torch.Tensor, acts: torch.Tensor, meta: dict[str, object]) -> list[str]:
-    """Two part files without a `var` column, as a writer that left it out would; returns the ids."""
+def _write(
+    folder: Path, mean: torch.Tensor, acts: torch.Tensor, meta: dict[str, object], wide: bool = False
+) -> list[str]:
+    """Two part files without a `var` column, as a writer that left it out would; returns the ids. `wide`:
+    the means as float64 lists (another writer's choice; ours are float32)."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = [f"s{i:06d}" for i in range(len(acts))]
     for part, rows in enumerate((slice(0, N // 3), slice(N // 3, N))):
         table = pa.table(
             {
                 "sample_id": ids[rows],
-                "mean": vector_column(mean[rows]),
+                "mean": _doubles(mean[rows]) if wide else vector_column(mean[rows]),
                 "acts": vector_column(acts[rows]),
                 "domain": ["blur" if i % 3 else "clean" for i in range(len(acts))][rows],
             }
@@ -47,22 +50,31 @@ def _write(folder: Path, mean: torch.Tensor, acts: torch.Tensor, meta: dict[str,
     return ids
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["clip", "siglip-residual"])
+def _doubles(values: torch.Tensor) -> pa.Array:
+    flat = pa.array(values.double().contiguous().numpy().reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+@pytest.mark.parametrize(
+    ("residual", "wide"),
+    [(False, False), (True, False), (True, True)],
+    ids=["clip", "siglip-residual", "siglip-residual-float64-file"],
+)
 def test_offsets_are_recovered_a_chunk_at_a_time_and_variances_are_never_read(
-    tmp_path: Path, residual: bool
+    tmp_path: Path, residual: bool, wide: bool
 ) -> None:
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(N, d, generator=gen, dtype=torch.float64).float().double()  # float32 on disk
     weight = torch.randn(D, d, generator=gen, dtype=torch.float64)
     offset = 0.3 * torch.randn(N, D, generator=gen, dtype=torch.float64) if residual else torch.zeros(N, D)
     mean = acts @ weight.T + offset
-    ids = _write(tmp_path / "emb", mean, acts, {"posterior_id": "start"})
+    ids = _write(tmp_path / "emb", mean, acts, {"posterior_id": "start"}, wide)
 
     rows = load_rows(str(tmp_path / "emb"), _cache(weight), {"posterior_id": "start"}, "pool")
     assert rows.sample_ids == ids and rows.acts.dtype == torch.float64
     assert torch.equal(rows.acts, acts)  # float32 values, exactly
     assert rows.columns == {"domain": ["blur" if i % 3 else "clean" for i in range(N)]}
-    stored = mean.float().double()  # what the file holds
+    stored = mean if wide else mean.float().double()  # what the file holds (never rounded on reading)
     if residual:
         # The dense twin: the whole [N, D] array at once, in float64.
         assert rows.offsets is not None
