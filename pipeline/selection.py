@@ -107,16 +107,7 @@ def read_embedding_table(uri: str, vector_columns: Sequence[str] = VECTOR_COLUMN
             if needed not in schema.names:
                 hint = " (embed with --activations)" if needed == "acts" else ""
                 raise ValueError(f"{path!r} has no {needed!r} column{hint}")
-        wanted = [
-            f.name
-            for f in schema
-            if f.name in vector_columns
-            or (
-                f.name not in VECTOR_COLUMNS
-                and not pa.types.is_list(f.type)
-                and not pa.types.is_fixed_size_list(f.type)
-            )
-        ]
+        wanted = [f.name for f in schema if f.name == "sample_id" or f.name in vector_columns or _scalar(f)]
         table = pq.read_table(p, filesystem=fs, columns=wanted)
         this = file_meta(table)
         if meta is None:
@@ -130,15 +121,17 @@ def read_embedding_table(uri: str, vector_columns: Sequence[str] = VECTOR_COLUMN
     return pa.concat_tables(tables, promote_options="default"), meta or {}
 
 
+def _scalar(f: pa.Field) -> bool:
+    """A column other than `sample_id` and the vectors that holds one value per row (no lists)."""
+    kind = f.type
+    return f.name not in ("sample_id", *VECTOR_COLUMNS) and not (
+        pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
+
+
 def scalar_columns(table: pa.Table) -> dict[str, list]:
-    """The columns of `table` other than `sample_id` and the vectors, as Python lists."""
-    return {
-        f.name: table.column(f.name).to_pylist()
-        for f in table.schema
-        if f.name not in ("sample_id", *VECTOR_COLUMNS)
-        and not pa.types.is_list(f.type)
-        and not pa.types.is_fixed_size_list(f.type)
-    }
+    """The scalar columns of `table` (source, caption, labels, ...) as Python lists."""
+    return {f.name: table.column(f.name).to_pylist() for f in table.schema if _scalar(f)}
 
 
 def read_embeddings(uri: str) -> EmbeddingSet:
