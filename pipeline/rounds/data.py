@@ -172,14 +172,16 @@ def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str
     def offset(lo: int) -> Tensor:
         return torch.from_numpy(stored[lo : lo + CHUNK].astype(np.float64)) - acts[lo : lo + CHUNK] @ weight
 
-    # Offsets below 1e-5 of the largest |mean| are the rounding of float32 means: no offsets.
-    scale, largest = 1.0, 0.0
-    for lo in range(0, len(acts), CHUNK):
-        scale = max(scale, float(np.abs(stored[lo : lo + CHUNK]).max(initial=0.0)))
-        largest = max(largest, float(offset(lo).abs().max()))
-    offsets = None
-    if largest > 1e-5 * scale:
-        offsets = torch.cat([offset(lo) for lo in range(0, len(acts), CHUNK)])
+    # Offsets below 1e-5 of the largest |mean| are the rounding of float32 means: no offsets. A chunk is
+    # kept only when it holds a real offset, so a CLIP pool never holds them and the product runs once.
+    starts = range(0, len(acts), CHUNK)
+    scale = max([1.0, *(float(np.abs(stored[lo : lo + CHUNK]).max()) for lo in starts)])
+    kept: dict[int, Tensor] = {}
+    for lo in starts:
+        off = offset(lo)
+        if float(off.abs().max()) > 1e-5 * scale:
+            kept[lo] = off
+    offsets = torch.cat([kept[lo] if lo in kept else offset(lo) for lo in starts]) if kept else None
     return Rows(sample_ids, acts, columns, meta, offsets)
 
 

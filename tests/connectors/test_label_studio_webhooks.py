@@ -113,3 +113,9 @@ def test_webhook_arguments_are_checked_before_any_request() -> None:
         client.ensure_webhook(project, "ftp://example.com/hook")
     with pytest.raises(ValueError, match="no webhook actions"):
         client.ensure_webhook(project, "http://127.0.0.1:1/hook", actions=())
+
+
+def test_campaign_serve_handles_every_action_the_connector_registers() -> None:
+    from pipeline.rounds.serve import TRIGGERS
+
+    assert sorted(TRIGGERS) == sorted(WEBHOOK_ACTIONS)

@@ -56,17 +56,18 @@ def _doubles(values: torch.Tensor) -> pa.Array:
 
 
 @pytest.mark.parametrize(
-    ("residual", "wide"),
-    [(False, False), (True, False), (True, True)],
-    ids=["clip", "siglip-residual", "siglip-residual-float64-file"],
+    ("residual", "wide", "from_row"),
+    [(False, False, 0), (True, False, 0), (True, True, 0), (True, False, CHUNK + 7)],
+    ids=["clip", "siglip-residual", "siglip-residual-float64-file", "residual-after-the-first-chunk"],
 )
 def test_offsets_are_recovered_a_chunk_at_a_time_and_variances_are_never_read(
-    tmp_path: Path, residual: bool, wide: bool
+    tmp_path: Path, residual: bool, wide: bool, from_row: int
 ) -> None:
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(N, d, generator=gen, dtype=torch.float64).float().double()  # float32 on disk
     weight = torch.randn(D, d, generator=gen, dtype=torch.float64)
     offset = 0.3 * torch.randn(N, D, generator=gen, dtype=torch.float64) if residual else torch.zeros(N, D)
+    offset[:from_row] = 0  # rows whose offsets are rounding only, in chunks of their own
     mean = acts @ weight.T + offset
     ids = _write(tmp_path / "emb", mean, acts, {"posterior_id": "start"}, wide)
 
