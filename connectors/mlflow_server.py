@@ -41,7 +41,9 @@ def ensure_sqlite_db(db: Path, default_artifacts: str) -> None:
     with locked(template.with_suffix(".lock")):
         if not template.exists():
             with storage.local_target(template) as building:
-                building.unlink()  # MLflow creates and migrates the database itself
+                # `building` is only a name (nothing is created there): MLflow creates the file and runs
+                # every migration itself. A leftover from an interrupted build would be half-migrated.
+                building.unlink(missing_ok=True)
                 MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
     with locked(db.with_name(f".{db.name}.lock")):
         if db.exists():  # another process created it meanwhile: keep theirs
