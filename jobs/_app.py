@@ -135,17 +135,30 @@ def _default_text(field: Any) -> str:
     return f"default: {value}"
 
 
+def _flattened(field: Any) -> bool:
+    """A section whose flags drop its name (`--budget`, not `--selection-budget`)."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return bool(extra.get("flatten"))
+
+
 def config_flags(
-    cls: type[Config], positional: Sequence[str] = (), prefix: tuple[str, ...] = ()
+    cls: type[Config],
+    positional: Sequence[str] = (),
+    prefix: tuple[str, ...] = (),
+    flag_prefix: tuple[str, ...] | None = None,
 ) -> list[tuple[Flag, str]]:
-    """(flag, help text) for every field of `cls`, sections flattened."""
+    """(flag, help text) for every field of `cls`, sections flattened (`--section-field`, or `--field` for
+    a section marked `flatten`)."""
     out: list[tuple[Flag, str]] = []
     docs = field_docs(cls)
+    flag_prefix = prefix if flag_prefix is None else flag_prefix
     for name, field in cls.model_fields.items():
         path = (*prefix, name)
         annotation = _unwrap_optional(field.annotation)
         if _is_section(annotation):
-            out += config_flags(annotation, (), path)
+            out += config_flags(
+                annotation, (), path, flag_prefix if _flattened(field) else (*flag_prefix, name)
+            )
             continue
         where = ".".join(path)
         typ, kind = _flag_type(field.annotation, where)
@@ -156,9 +169,10 @@ def config_flags(
             help_text = f"{help_text} [{extra}]" if help_text else f"[{extra}]"
         extra_schema = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         param = "_".join(path)
-        flag = Flag(
-            path, param, typ, kind, positional=is_positional, name=str(extra_schema.get("flag") or "")
-        )
+        option = str(extra_schema.get("flag") or "")
+        if not option and flag_prefix != prefix:
+            option = "-".join((*flag_prefix, name)).replace("_", "-")
+        flag = Flag(path, param, typ, kind, positional=is_positional, name=option)
         out.append((flag, help_text))
     return out
 
@@ -214,6 +228,10 @@ class ConfigCommand(Generic[C]):
         self.help = help or (run.__doc__ or "").strip() or (config.__doc__ or "").strip()
         self.positional = tuple(positional)
         self.flags = config_flags(config, self.positional)
+        options = [f.option for f, _ in self.flags if not f.positional]
+        repeated = sorted({o for o in options if options.count(o) > 1})
+        if repeated:
+            raise TypeError(f"{config.__name__} gives several fields the flags {repeated}")
 
     def parse(self, argv: Sequence[str]) -> C:
         """The config that `argv` (flags and `--config`) describes, without running the command."""

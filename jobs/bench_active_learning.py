@@ -576,14 +576,20 @@ def diagnostics(
     if targets is None:
         raise ValueError(f"{directory} is not a targeted campaign")
     head, text_acts, text_offset = c.start_head, c.cache.text_acts, c.cache.text_offset
-    scored, scored_targets = pool.rescored(head).rows, targets.rescored(head).rows  # as round 0 selects
+    scored, scored_targets = pool.rescored(head), targets.rescored(head)  # as round 0 selects
     index = candidates(
-        scored.mean, scored.var, scored_targets.mean, scored_targets.var, c.cfg.neighbours, c.cfg.metric
+        scored.mean,
+        scored.var,
+        scored_targets.mean,
+        scored_targets.var,
+        c.cfg.selection.neighbours,
+        c.cfg.selection.metric,
     )
     cand = pool.take(index)
     domains = cand.columns["domain"]
     target = cfg.target_domain.value
-    keep = targets if len(targets) <= c.cfg.max_targets else targets.take(torch.arange(c.cfg.max_targets))
+    most = c.cfg.selection.max_targets
+    keep = targets if len(targets) <= most else targets.take(torch.arange(most))
     kwargs = {"pool_offsets": cand.offsets, "text_offset": text_offset, "target_offsets": keep.offsets}
 
     def joint(seed: int, method: Method = Method.EPIG) -> torch.Tensor:

@@ -27,12 +27,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("jobs.embed", "Compute Bayesian image embeddings (mean and variance) for a corpus."),
     "zeroshot": ("jobs.zeroshot", "Calibrated zero-shot classification with ProbCosine."),
     "select": ("jobs.select", "Choose what annotators label next (EPIG/BALD) and send it to Label Studio."),
+    "curate": ("jobs.curate", "Curate a fine-tuning set: the most informative images of a pool of millions."),
     "campaign": ("jobs.campaign", "Annotation campaigns: init, step, run, status, serve (webhooks)."),
     "annotate-bot": (
         "jobs.annotate_bot",
         "A simulated annotator answering Label Studio tasks from ground truth.",
     ),
-    "bench": ("jobs.bench", "Benchmarks: core, calibration, pipeline, select, active-learning, round."),
+    "bench": (
+        "jobs.bench",
+        "Benchmarks: core, calibration, pipeline, select, active-learning, round, curate.",
+    ),
 }
 
 

@@ -82,6 +82,23 @@ def field_docs(cls: type[BaseModel]) -> dict[str, str]:
     return {name: text for name, text in docs.items() if name in cls.model_fields}
 
 
+def changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
+    """The fields whose values differ, sorted: a section's own fields as `section.field`, or by their name
+    alone for a section marked `flatten` (as their flags are named)."""
+    out: list[str] = []
+    for name, field in type(new).model_fields.items():
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if isinstance(before, BaseModel) and isinstance(after, BaseModel) and type(before) is type(after):
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            prefix = "" if extra.get("flatten") else f"{name}."
+            out += [prefix + leaf for leaf in changed_fields(before, after)]
+        else:
+            out.append(name)
+    return sorted(out)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file (local path or URI)."""
     from pipeline.io import storage

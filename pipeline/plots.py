@@ -91,3 +91,43 @@ def panels_png(
     fig.suptitle(title)
     fig.tight_layout()
     return _png(fig)
+
+
+def histogram_png(
+    counts: np.ndarray,
+    edges: np.ndarray,
+    *,
+    title: str,
+    xlabel: str,
+    marks: Mapping[str, float] | None = None,
+) -> bytes:
+    """A histogram from counts already binned (the scores of millions of rows, counted part by part), with
+    optional vertical lines (e.g. the lowest score that was picked)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    for name, x in (marks or {}).items():
+        ax.axvline(x, color="tab:red", linestyle="--", label=name)
+    if marks:
+        ax.legend(loc="upper right")
+    ax.set(title=title, xlabel=xlabel, ylabel="rows")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def shares_png(shares: Mapping[str, Mapping[str, float]], *, title: str) -> bytes:
+    """Grouped bars: for each series (e.g. "picks", "pool") the share of each category (e.g. a domain)."""
+    plt = _pyplot()
+    categories = sorted({c for values in shares.values() for c in values})
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(categories) + 2), 4))
+    width = 0.8 / max(len(shares), 1)
+    for i, (name, values) in enumerate(shares.items()):
+        x = np.arange(len(categories)) + i * width
+        ax.bar(x, [values.get(c, 0.0) for c in categories], width=width, label=name)
+    ax.set_xticks(np.arange(len(categories)) + width * (len(shares) - 1) / 2, categories)
+    ax.set(title=title, ylabel="share")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)

@@ -191,6 +191,31 @@ class LocalTasks:
         return [fn(item) for item in items]
 
 
+class Shared(Protocol):
+    """A value built once on the driver and read by every worker: `get()` returns it."""
+
+    def get(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LocalShared:
+    """The value itself (in-process runs)."""
+
+    value: Any
+
+    def get(self) -> Any:
+        return self.value
+
+
+def share(executor: Executor | str, value: Any) -> Shared:
+    """`value` put once where workers read it: Ray's object store, or this process."""
+    if Executor(executor) is Executor.LOCAL:
+        return LocalShared(value)
+    from pipeline.stages.ray_adapter import RayShared
+
+    return RayShared.put(value)
+
+
 def tasks(executor: Executor | str) -> Tasks:
     if Executor(executor) is Executor.LOCAL:
         return LocalTasks()
@@ -207,11 +232,14 @@ def run_stages(
     *,
     pool_size: int = 1,
     read_cpus: float = 0.25,
+    read: Any = None,
 ) -> dict[str, set[str]]:
-    """Run `stages` over `shards` with the local runner or on Ray; returns {stage: nodes that ran it}."""
+    """Run `stages` over `shards` with the local runner or on Ray; returns {stage: nodes that ran it}.
+
+    `read` turns shard descriptors into rows (default: the corpus reader, `ReadStage`)."""
     from pipeline.stages.read import ReadStage
 
-    read = ReadStage(num_cpus=read_cpus)
+    read = read or ReadStage(num_cpus=read_cpus)
     if Executor(executor) is Executor.LOCAL:
         from pipeline.stages.local import run_local
 

@@ -12,7 +12,12 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-pytest_plugins = ["tests.fixtures_services", "tests.fixtures_ray", "tests.fixtures_s3"]
+pytest_plugins = [
+    "tests.fixtures_services",
+    "tests.fixtures_ray",
+    "tests.fixtures_s3",
+    "tests.fixtures_world",
+]
 
 
 @pytest.fixture(autouse=True)

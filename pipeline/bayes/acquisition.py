@@ -162,14 +162,22 @@ class HeadDraws:
     scale: float  # s
     bias: float  # b
 
-    def probs(self, acts: Tensor, offset: Tensor | None = None) -> Tensor:
-        """`p_k(c | a)` for rows acts [N, d] (offset [N, D]) -> [N, k, C]."""
+    def probs(self, acts: Tensor, offset: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
+        """`p_k(c | a)` for rows acts [N, d] (offset [N, D]) -> [N, k, C].
+
+        `norms` replaces the exact `‖P_k a + o‖` ([N, k], `O(k·D·d)` a row) by given ones, [N] or [N, k]:
+        e.g. the expected norm `√E‖g‖²` (`scoring.Norm.EXPECTED`), shared by the draws (`O(d² + D·d)`).
+        """
         k, n_text, dim = self.text.shape
         acts = acts.to(self.dual.dtype)
         numerators = acts @ self.dual  # ⟨P_k a, t̂_kc⟩   [N, k·C]
         if offset is not None:
             numerators = numerators + offset.to(acts.dtype) @ self.text.reshape(k * n_text, dim).T
-        norms = torch.linalg.vector_norm(self.image.embeddings(acts, offset), dim=-1)  # ‖P_k a + o‖   [N, k]
+        if norms is None:
+            norms = torch.linalg.vector_norm(self.image.embeddings(acts, offset), dim=-1)  # ‖P_k a + o‖
+        elif norms.ndim == 1:
+            norms = norms[:, None].expand(-1, k)
+        norms = norms.to(numerators.dtype)
         logits = self.scale * (numerators.view(-1, k, n_text) / norms[:, :, None]) + self.bias
         return torch.softmax(logits, dim=-1)  # [N, k, C]
 
@@ -379,7 +387,9 @@ def _check_selection(n_pool: int, budget: int, k: int) -> None:
         raise ValueError(f"k (number of posterior draws) must be positive, got {k}")
 
 
-def _seed(generator: torch.Generator | None) -> int:
+def joint_seed(generator: torch.Generator | None) -> int:
+    """The seed of the joint draws that `select_batch` takes from `generator` (so `score_pool` with it
+    scores as the greedy batch's first step)."""
     return 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
@@ -428,7 +438,7 @@ def select_batch(
     head.image.check_acts(pool_acts)
     _check_rows(pool_offsets, pool_acts.shape[0], head.dim, "pool offsets")
     joint = JointDraws(
-        head, text_acts, k, torch.Generator(device="cpu").manual_seed(_seed(generator)), text_offset
+        head, text_acts, k, torch.Generator(device="cpu").manual_seed(joint_seed(generator)), text_offset
     )
     text_mean, _ = head.text_embeddings(text_acts, offset=text_offset)  # GGN targets   [C, D]
     posterior = head.image
@@ -485,7 +495,7 @@ def select_batch_reference(
     _check_selection(pool_acts.shape[0], budget, k)
     if target_acts is None:
         target_acts, target_offsets = pool_acts, pool_offsets
-    seed = _seed(generator)
+    seed = joint_seed(generator)
     picked: list[int] = []
     scores: list[float] = []
     for _ in range(budget):

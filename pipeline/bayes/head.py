@@ -6,6 +6,8 @@ residual) and carries no uncertainty; the variance comes only from the projectio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,38 @@ TOWERS: tuple[str, ...] = ("image", "text")  # the two projections a posterior c
 def _check_offset(offset: Tensor | None, n: int, dim: int, what: str) -> None:
     if offset is not None and tuple(offset.shape) != (n, dim):
         raise ValueError(f"{what} has shape {list(offset.shape)}, expected [{n}, {dim}]")
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Rows of one tower as a head sees them: pre-projection activations and their per-row offsets.
+
+    The embedding of row n is `acts[n] @ Wᵀ + offsets[n]`; `offsets` is None where the projection explains
+    the whole embedding (CLIP). One value instead of parallel `acts` / `offsets` arguments.
+    """
+
+    acts: Tensor  # [N, d]
+    offsets: Tensor | None = None  # [N, D]
+
+    def __post_init__(self) -> None:
+        if self.acts.ndim != 2:
+            raise ValueError(f"activations must be [N, d], got {list(self.acts.shape)}")
+        if self.offsets is not None and (
+            self.offsets.ndim != 2 or self.offsets.shape[0] != self.acts.shape[0]
+        ):
+            raise ValueError(
+                f"offsets have shape {list(self.offsets.shape)} for {self.acts.shape[0]} rows of activations"
+            )
+
+    def __len__(self) -> int:
+        return int(self.acts.shape[0])
+
+    def take(self, index: Tensor) -> Activations:
+        """Rows `index` (indices or a boolean mask)."""
+        return Activations(self.acts[index], None if self.offsets is None else self.offsets[index])
+
+    def to(self, dtype: torch.dtype) -> Activations:
+        return Activations(self.acts.to(dtype), None if self.offsets is None else self.offsets.to(dtype))
 
 
 class BayesHead:
@@ -59,9 +93,9 @@ class BayesHead:
         """The same head with another image posterior (e.g. after a labelling round)."""
         return BayesHead(posterior, self.text, self.scale, self.bias, self.likelihood)
 
-    def computing_in(self, dtype: torch.dtype) -> BayesHead:
-        """The same head doing its per-row products in `dtype` (`KronPosterior.computing_in`)."""
-        image, text = self.image.computing_in(dtype), self.text.computing_in(dtype)
+    def computing_in(self, dtype: torch.dtype, device: torch.device | str | None = None) -> BayesHead:
+        """The same head doing its per-row products in `dtype` on `device` (`KronPosterior.computing_in`)."""
+        image, text = self.image.computing_in(dtype, device), self.text.computing_in(dtype, device)
         return BayesHead(image, text, self.scale, self.bias, self.likelihood)
 
     @staticmethod

@@ -359,15 +359,15 @@ class KronPosterior:
             self.factors, self.weight, prior_precision, self.hessian_scale, self.damping, _eigen=self._eig
         )
 
-    def computing_in(self, dtype: torch.dtype) -> KronPosterior:
-        """The same posterior doing its per-row products (means, variances, draws) in `dtype`.
+    def computing_in(self, dtype: torch.dtype, device: torch.device | str | None = None) -> KronPosterior:
+        """The same posterior doing its per-row products (means, variances, draws) in `dtype` (on `device`).
 
         The eigendecompositions and precomputations stay float64; only what multiplies rows is cast
         (float32 halves the cost of scoring a large pool, at ~1e-6 relative error).
         """
         return KronPosterior(
             self.factors,
-            self.weight.to(dtype),
+            self.weight.to(dtype=dtype, device=device),
             self.prior_precision,
             self.hessian_scale,
             self.damping,

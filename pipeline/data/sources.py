@@ -219,7 +219,7 @@ def _read_uri(uri: str, root: str) -> tuple[bytes | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _shard_rows(pf: pq.ParquetFile, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+def shard_rows(pf: pq.ParquetFile, shard: Shard, columns: list[str] | None = None) -> pa.Table:
     """Rows [start, stop) of a Parquet shard, reading only the row groups that overlap them: memory stays
     one shard."""
     groups, first_row, offset = [], None, 0
@@ -235,7 +235,7 @@ def _shard_rows(pf: pq.ParquetFile, shard: Shard, columns: list[str] | None = No
 def _read_parquet(shard: Shard) -> list[dict[str, Any]]:
     fs, path = storage.resolve(shard.path)
     pf = pq.ParquetFile(path, filesystem=fs)
-    table = _shard_rows(pf, shard)
+    table = shard_rows(pf, shard)
     names = table.column_names
     id_col, img_col = _first(ID_COLUMNS, names), _first(IMAGE_COLUMNS, names)
     path_col, cap_col = _first(PATH_COLUMNS, names), _first(CAPTION_COLUMNS, names)
@@ -380,7 +380,7 @@ def shard_ids(shard: Shard) -> list[str]:
         pf = pq.ParquetFile(path, filesystem=fs)
         id_col = _first(ID_COLUMNS, pf.schema_arrow.names)
         if id_col is not None:
-            values = _shard_rows(pf, shard, [id_col]).column(id_col).to_pylist()
+            values = shard_rows(pf, shard, [id_col]).column(id_col).to_pylist()
             if None not in values:
                 return [str(v) for v in values]
     elif fmt is CorpusFormat.FOLDER:

@@ -18,16 +18,15 @@ import pyarrow as pa
 
 from pipeline.annotation import ImageStore, TaskRow, push_tasks
 from pipeline.artifacts.posterior import load_posterior, read_info
-from pipeline.bayes.neighbours import Metric
+from pipeline.bayes.head import Activations
 from pipeline.classes import class_text_features, read_classes
-from pipeline.config import Config
 from pipeline.data.sources import plan_shards, read_shard
 from pipeline.io import storage
-from pipeline.selection import Acquisition, EmbeddingSet, Pick, Precision, choose, read_embeddings
+from pipeline.selection import EmbeddingSet, Pick, SelectingConfig, choose, read_embeddings
 from pipeline.stages.embed import ModelSpec
 
 
-class SelectConfig(Config):
+class SelectConfig(SelectingConfig):
     """What `select` chooses from, how, and where the picks go."""
 
     pool: str  # embeddings of the unlabelled pool (embed --activations)
@@ -35,14 +34,6 @@ class SelectConfig(Config):
     classes: str  # classes file (JSON from make-world, or one class a line)
     out: str  # output directory for selection.parquet (local path or URI)
     targets: str | None = None  # embeddings of the target distribution (targeted selection)
-    budget: int = 20  # images to send to annotators
-    method: Acquisition = Acquisition.EPIG  # acquisition function
-    neighbours: int = 20  # pool neighbours per target point (targeted selection)
-    metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
-    draws: int = 64  # joint posterior draws for BALD/EPIG
-    picks_per_step: int = 1  # picks per greedy scoring pass (1: exact greedy; more: faster, approximate)
-    precision: Precision = Precision.FLOAT64  # arithmetic of the batch selection's per-row scoring
-    seed: int = 0  # Monte Carlo seed
     project: str | None = None  # Label Studio project to send the tasks to (none: only write the file)
     corpus: str | None = None  # the pool's corpus, for embeddings made before rows recorded their source
     round: int = 0  # annotation round number, stored on each task
@@ -62,6 +53,8 @@ class SelectResult:
     method: str
     mean_score: float
     seconds: float
+    batch: str = "greedy"  # how the batch was drawn
+    duplicates: int = 0  # near-duplicate picks dropped and refilled
     picks: list[Pick] = field(default_factory=list)
     label_studio: dict[str, Any] | None = None
 
@@ -103,22 +96,12 @@ def select(cfg: SelectConfig) -> SelectResult:
                 f"the {name} embeddings were made under another image projection than posterior "
                 f"{info['posterior_id']} uses (embedded with {rows.meta.get('posterior_id')}): re-embed them"
             )
-    picks, n_candidates = choose(
-        head,
-        text_acts,
-        spec.names,
-        pool,
-        cfg.budget,
-        targets=targets,
-        method=cfg.method,
-        neighbours=cfg.neighbours,
-        metric=cfg.metric,
-        draws=cfg.draws,
-        seed=cfg.seed,
-        text_offset=text_offset,
-        picks_per_step=cfg.picks_per_step,
-        precision=cfg.precision,
+    pool = pool.with_offsets(head)
+    targets = targets.with_offsets(head) if targets is not None else None
+    choice = choose(
+        head, Activations(text_acts, text_offset), spec.names, pool, cfg.selection, targets=targets
     )
+    picks = choice.picks
     storage.write_parquet(selection_table(picks, cfg.round), storage.join(cfg.out, "selection.parquet"))
     label_studio = None
     if cfg.project:
@@ -126,11 +109,13 @@ def select(cfg: SelectConfig) -> SelectResult:
     result = SelectResult(
         pool=len(pool),
         targets=0 if targets is None else len(targets),
-        candidates=n_candidates,
+        candidates=choice.candidates,
         selected=len(picks),
-        method=cfg.method.value,
+        method=cfg.selection.method.value,
         mean_score=sum(p.score for p in picks) / max(len(picks), 1),
         seconds=time.perf_counter() - start,
+        batch=choice.batch.value,
+        duplicates=choice.duplicates,
         picks=picks,
         label_studio=label_studio,
     )
@@ -182,7 +167,7 @@ def send_to_label_studio(
             rank=p.rank,
             predicted=p.predicted,
             confidence=p.confidence,
-            scores={cfg.method.value: p.score, "entropy": p.entropy},
+            scores={cfg.selection.method.value: p.score, "entropy": p.entropy},
         )
         for p in picks
     ]

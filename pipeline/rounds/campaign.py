@@ -31,8 +31,10 @@ import yaml
 from pipeline import runtime
 from pipeline.annotation import TaskRow
 from pipeline.artifacts.posterior import Lineage, read_info, write_posterior
+from pipeline.bayes.head import Activations
 from pipeline.bayes.online import labelled_factors, updated_posterior
 from pipeline.classes import read_classes
+from pipeline.config import changed_fields
 from pipeline.flows.select import selection_table
 from pipeline.io import faults, storage, tensors
 from pipeline.rounds import labels as labels_table
@@ -95,7 +97,7 @@ def init(
         webhook_secret = read_secret()  # before anything is created
     if storage.is_file(storage.join(directory, STATE_FILE)):
         existing = read_config(directory)
-        changed = sorted(k for k in cfg.model_fields if getattr(existing, k) != getattr(cfg, k))
+        changed = changed_fields(existing, cfg)
         defining = [k for k in changed if k not in OPERATIONAL_FIELDS]
         if defining:
             raise FileExistsError(
@@ -244,31 +246,23 @@ class Campaign:
         targets = self.targets()
         targets = targets.rescored(head) if targets is not None else None
         rescore_s = time.perf_counter() - t0
-        seed = cfg.seed + index
-        picks, candidates = choose(
+        seed = cfg.selection.seed + index
+        choice = choose(
             head,
-            self.cache.text_acts,
+            Activations(self.cache.text_acts, self.cache.text_offset),
             self.cache.classes,
-            remaining.rows,
-            cfg.budget,
-            targets=None if targets is None else targets.rows,
-            method=cfg.method,
-            neighbours=cfg.neighbours,
-            metric=cfg.metric,
-            max_targets=cfg.max_targets,
-            draws=cfg.draws,
+            remaining,
+            cfg.selection,
+            targets=targets,
             seed=seed,
-            picks_per_step=cfg.picks_per_step,
-            precision=cfg.precision,
-            text_offset=self.cache.text_offset,
-            pool_offsets=remaining.offsets,
-            target_offsets=None if targets is None else targets.offsets,
         )
+        picks = choice.picks
         params = {
             "round": index,
-            "method": cfg.method.value,
-            "budget": cfg.budget,
-            "draws": cfg.draws,
+            "method": cfg.selection.method.value,
+            "batch": choice.batch.value,
+            "budget": cfg.selection.budget,
+            "draws": cfg.selection.draws,
             "seed": seed,
             "posterior_id": posterior_id,
             "start_posterior_id": self.cache.posterior_id,
@@ -276,8 +270,8 @@ class Campaign:
             "label_source": cfg.label_source.value,
         }
         run_id = self.tracker.round_run(state.mlflow_run_id, index, params)
-        columns = remaining.rows.columns
-        by_id = {sid: i for i, sid in enumerate(remaining.rows.sample_ids)}
+        columns = remaining.columns
+        by_id = {sid: i for i, sid in enumerate(remaining.sample_ids)}
         table = selection_table(picks, index)
         for name in ("source", cfg.domain_column):
             if name in columns:
@@ -292,7 +286,7 @@ class Campaign:
             picks=len(picks),
             seed=seed,
             mlflow_run_id=run_id,
-            counts={"tasks": len(picks), "candidates": candidates, "pool_left": len(remaining)},
+            counts={"tasks": len(picks), "candidates": choice.candidates, "pool_left": len(remaining)},
             timings={"rescore": rescore_s, "select": time.perf_counter() - started - rescore_s},
         )
         return write_state(self.directory, state.with_round(round_)), None
@@ -324,7 +318,7 @@ class Campaign:
                 rank=int(p["rank"]),
                 predicted=p["predicted"],
                 confidence=float(p["confidence"]),
-                scores={self.cfg.method.value: float(p["score"]), "entropy": float(p["entropy"])},
+                scores={self.cfg.selection.method.value: float(p["score"]), "entropy": float(p["entropy"])},
                 mlflow_run=run_url,
             )
             for p in picks
@@ -689,8 +683,8 @@ def status(directory: str) -> dict[str, Any]:
     return {
         "directory": directory,
         "label_source": cfg.label_source.value,
-        "method": cfg.method.value,
-        "budget": cfg.budget,
+        "method": cfg.selection.method.value,
+        "budget": cfg.selection.budget,
         "min_answered": cfg.min_answered,
         "max_rounds": cfg.max_rounds,
         "rounds_completed": state.completed,

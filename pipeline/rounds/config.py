@@ -7,9 +7,8 @@ from enum import Enum
 
 from pydantic import AliasChoices, Field, model_validator
 
-from pipeline.bayes.neighbours import Metric
 from pipeline.config import TrackedConfig
-from pipeline.selection import Acquisition, Precision
+from pipeline.selection import SelectingConfig
 from pipeline.train.config import RefitConfig
 
 
@@ -32,7 +31,7 @@ class Trainer(str, Enum):
     """The same objective and optimiser in this process."""
 
 
-class CampaignConfig(TrackedConfig):
+class CampaignConfig(TrackedConfig, SelectingConfig):
     """An annotation campaign (see the README's campaign reference)."""
 
     pool: str  # embeddings of the unlabelled pool (`embed --activations`)
@@ -44,16 +43,7 @@ class CampaignConfig(TrackedConfig):
     )  # labelled evaluation embeddings: metrics after every round
     eval_labels: str | None = None  # label column of the evaluation set (default: the classes file's)
     domain_column: str = "domain"  # column splitting the evaluation metrics per domain, when present
-    budget: int = Field(20, ge=1)  # tasks per round
     max_rounds: int | None = Field(None, ge=1)  # stop after this many rounds (none: until the pool is used)
-    method: Acquisition = Acquisition.EPIG  # acquisition function
-    draws: int = Field(64, ge=1)  # joint posterior draws for EPIG/BALD
-    seed: int = 0  # seed of round 0; round r uses seed + r
-    neighbours: int = 20  # pool neighbours per target point (targeted selection)
-    metric: Metric = Metric.WASSERSTEIN  # neighbour distance between Gaussian embeddings
-    max_targets: int = 256  # targets EPIG averages over (a fixed random subset beyond)
-    picks_per_step: int = Field(1, ge=1)  # picks per greedy scoring pass (1: exact greedy; more: faster)
-    precision: Precision = Precision.FLOAT64  # arithmetic of the batch selection's per-row scoring
     label_source: LabelSource = Field(
         default=LabelSource.LABEL_STUDIO, validation_alias=AliasChoices("label_source", "labels", "source")
     )  # where labels come from

@@ -122,8 +122,9 @@ class Rows:
             None if self.offsets is None else self.offsets[index],
         )
 
-    def rescored(self, head: BayesHead) -> Scored:
-        """The rows with the Gaussian embeddings of `head`: `P a + offset`, and its variance."""
+    def rescored(self, head: BayesHead) -> EmbeddingSet:
+        """The rows with the Gaussian embeddings of `head` (`P a + offset`, and its variance) and their
+        offsets: the embedding set selection works on."""
         means, variances = [], []
         for lo in range(0, len(self), CHUNK):
             acts = self.acts[lo : lo + CHUNK]
@@ -134,19 +135,7 @@ class Rows:
         empty = torch.zeros(0, head.dim, dtype=self.acts.dtype)
         mean = torch.cat(means) if means else empty
         var = torch.cat(variances) if variances else empty
-        rows = EmbeddingSet(self.sample_ids, mean, var, self.acts, self.columns, self.meta)
-        return Scored(rows, self.offsets)
-
-
-@dataclass(frozen=True)
-class Scored:
-    """Rows re-scored under one posterior: the embedding set selection works on, with the rows' offsets."""
-
-    rows: EmbeddingSet
-    offsets: Tensor | None  # [N, D]
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        return EmbeddingSet(self.sample_ids, mean, var, self.acts, self.columns, self.meta, self.offsets)
 
 
 def load_rows(uri: str, cache: ModelCache, start_info: dict[str, Any], what: str) -> Rows:

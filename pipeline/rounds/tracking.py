@@ -121,7 +121,8 @@ class CampaignTracker:
                 title=f"{self.name}: {metric} on the evaluation set",
             )
             run.log_bytes(png, f"curves/{metric}.png")
-        title = f"{self.name}: evaluation set after each round ({self.cfg.method.value} x {self.cfg.budget})"
+        chosen = self.cfg.selection
+        title = f"{self.name}: evaluation set after each round ({chosen.method.value} x {chosen.budget})"
         run.log_bytes(panels_png(x, panels, xlabel="labels", title=title), "active_learning.png")
         for i, (n, m) in enumerate(points):
             run.log_metrics({**_flat("eval.", m), "labels": float(n)}, step=i)

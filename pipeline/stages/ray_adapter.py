@@ -105,6 +105,20 @@ def run_ray(
     return nodes
 
 
+class RayShared:
+    """A value in Ray's object store: pickles as its reference, so workers fetch it once each (`get`)."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    @classmethod
+    def put(cls, value: Any) -> RayShared:
+        return cls(ray.put(value))
+
+    def get(self) -> Any:
+        return ray.get(self.ref)
+
+
 def call_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     """`(fn(*args), id of the node that ran it)`: the body of helper tasks whose placement is reported."""
     return fn(*args), ray.get_runtime_context().get_node_id()

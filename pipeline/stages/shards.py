@@ -137,11 +137,12 @@ class Ledger:
         inputs: str,
         shards: list[Shard],
         params: dict[str, Any],
-        scan: Callable[[Shard], list[str]] = shard_ids,
+        scan: Callable[[Shard], list[str]] | None = shard_ids,
     ) -> None:
         """Write the plan on the first run; on a rerun, refuse if inputs, shards or params changed.
 
-        Then settle the plan's duplicate verdicts (`plan_repeats`, with `scan` reading a shard's ids).
+        Then settle the plan's duplicate verdicts (`plan_repeats`, with `scan` reading a shard's ids; None:
+        the inputs are known to hold each sample id once, e.g. an embeddings directory).
         """
         plan = {"inputs": inputs, "shards": [s.shard_id for s in shards], "rows": sum(s.rows for s in shards)}
         plan["params"] = params
@@ -160,7 +161,8 @@ class Ledger:
                     )
         else:
             storage.write_json(path, json.loads(json.dumps(plan, default=str)))
-        self.plan_repeats(shards, scan)
+        if scan is not None:
+            self.plan_repeats(shards, scan)
 
     @property
     def duplicates_file(self) -> str:

@@ -19,7 +19,7 @@ from pipeline.flows.zeroshot import ZeroshotConfig, zeroshot
 from pipeline.io import tensors
 from pipeline.rounds import campaign
 from pipeline.rounds.labels import read_rows
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = pytest.mark.slow
 

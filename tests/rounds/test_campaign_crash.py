@@ -34,7 +34,7 @@ from pipeline.rounds import campaign
 from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.labels import read_rows, resolve
 from pipeline.rounds.state import RoundState, read_state
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

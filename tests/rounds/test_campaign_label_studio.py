@@ -16,7 +16,7 @@ from jobs.annotate_bot import bot_session
 from pipeline.artifacts.posterior import read_info
 from pipeline.rounds import campaign
 from pipeline.rounds.state import RoundState, read_state
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

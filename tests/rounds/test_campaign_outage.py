@@ -28,7 +28,7 @@ from pipeline.rounds import campaign
 from pipeline.rounds.serve import WebhookServer
 from pipeline.rounds.state import RoundState, read_state
 from tests.fixtures_services import restart_label_studio
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.io import tensors
 from pipeline.rounds import campaign
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -27,7 +27,7 @@ from pipeline.io import storage
 from pipeline.rounds import campaign, lease
 from pipeline.rounds.state import read_state
 from tests.fixtures_s3 import S3Server
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 MODEL = "factory:tests.stages.standin:load"
 

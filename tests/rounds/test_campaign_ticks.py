@@ -26,7 +26,7 @@ from pipeline.rounds import campaign, lease
 from pipeline.rounds.labels import read_rows
 from pipeline.rounds.sources import LabelStudioSource
 from pipeline.rounds.state import STATE_FILE, RoundState, read_state
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = pytest.mark.slow
 

@@ -32,7 +32,7 @@ from pipeline.rounds import campaign
 from pipeline.rounds.labels import read_rows
 from pipeline.rounds.serve import SECRET_ENV, SECRET_HEADER, TRIGGERS, WebhookServer
 from pipeline.rounds.state import RoundState, read_state
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

@@ -37,7 +37,7 @@ import pytest
 from pipeline.io import faults
 from pipeline.rounds import campaign, lease
 from pipeline.rounds.state import STATE_FILE, RoundState, read_state
-from tests.rounds.conftest import World
+from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

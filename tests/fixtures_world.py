@@ -1,6 +1,6 @@
-"""A small synthetic world for campaign tests, built once per session: posterior and embeddings of the
-shipped tiny CLIP (in-process executor, no tracking), a pool mixing clean and blurred images with a few
-corrupt files, targets and a labelled evaluation set from the blurred domain."""
+"""A small synthetic world for campaign and curation tests, built once per session: posterior and
+embeddings of the shipped tiny CLIP (in-process executor, no tracking), a pool mixing clean and blurred
+images with a few corrupt files, targets and a labelled evaluation set from the blurred domain."""
 
 from __future__ import annotations
 

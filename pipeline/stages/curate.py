@@ -1,0 +1,227 @@
+"""Curation stages, Ray-agnostic: read a shard of an embeddings directory, score its rows, and the exact
+nearest-neighbour partial of one shard against the targets.
+
+Rows carry their place in the pool (`_file`, `_pool_row`), so any chosen row can be read back later without
+holding the pool. Every function here is a pure function of its inputs: a retried block gives the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.bayes.batches import BatchMode, batch_keys
+from pipeline.bayes.head import Activations
+from pipeline.bayes.metrics import entropy
+from pipeline.bayes.neighbours import Metric, embed_for_search
+from pipeline.bayes.scoring import RowScorer
+from pipeline.data.sources import Shard, shard_rows
+from pipeline.io import storage, vectors
+from pipeline.runtime import Shared
+from pipeline.stages.base import ROW, SHARD, SHARD_ROWS, Batch, Resources, Stage, concat, object_array
+from pipeline.stages.read import SHARD_COLUMN
+
+FILE = "_file"  # index of the row's pool file (in the plan's sorted file list)
+POOL_ROW = "_pool_row"  # row inside that file
+VECTORS = ("mean", "var", "acts")
+# Output columns of the scoring stage (besides the pool's scalar columns and the bookkeeping).
+SCORE_COLUMNS = ("sample_id", "score", "key", "floored", "predicted", "confidence", "entropy", FILE, POOL_ROW)
+
+
+def file_index(shard: Shard) -> int:
+    return int(shard.shard_id.split("-", 1)[0])
+
+
+def global_rows(file: np.ndarray | int, row: np.ndarray | int) -> np.ndarray:
+    """One int64 per pool row: file index in the high 32 bits, the row in the low ones."""
+    return (np.asarray(file, dtype=np.int64) << 32) | np.asarray(row, dtype=np.int64)
+
+
+def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`global_rows` inverted: (file index, row)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows >> 32, rows & 0xFFFFFFFF
+
+
+def recovered_offsets(
+    stored_mean: torch.Tensor, projected: torch.Tensor, atol: float = 1e-5
+) -> torch.Tensor | None:
+    """`mean − P̂ a` of a block, or None when it is only the rounding of float32 means (CLIP: no offset)."""
+    if stored_mean.numel() == 0:
+        return None
+    offset = stored_mean.to(projected.dtype) - projected  # [n, D]
+    scale = max(1.0, float(stored_mean.abs().max()))
+    return None if float(offset.abs().max()) <= atol * scale else offset
+
+
+class EmbeddingReadStage(Stage):
+    """Reads whole shards of an embeddings directory: sample ids, the vector columns asked for, the scalar
+    columns, and each row's place in the pool; `keep` narrows a shard to some of its rows (candidates)."""
+
+    name: ClassVar[str] = "read-embeddings"
+    input_columns: ClassVar[tuple[str, ...]] = (SHARD_COLUMN,)
+
+    def __init__(
+        self,
+        vector_columns: Sequence[str],
+        scalar_columns: Sequence[str],
+        keep: Mapping[str, Sequence[int]] | None = None,
+        num_cpus: float = 0.25,
+    ) -> None:
+        self.vector_columns = tuple(vector_columns)
+        self.scalar_columns = tuple(scalar_columns)
+        self.keep = None if keep is None else {k: np.asarray(v, dtype=np.int64) for k, v in keep.items()}
+        self.resources = Resources(num_cpus=num_cpus, batch_size=1)
+
+    def rows_of(self, shard: Shard) -> int:
+        """Rows this stage yields for `shard` (all, or the kept ones)."""
+        return shard.rows if self.keep is None else len(self.keep.get(shard.shard_id, ()))
+
+    def process(self, batch: Batch) -> Batch:
+        parts = []
+        for text in batch[SHARD_COLUMN]:
+            shard = Shard.from_json(str(text))
+            table = read_embedding_shard(shard, ("sample_id", *self.vector_columns, *self.scalar_columns))
+            local = np.arange(table.num_rows, dtype=np.int64)
+            if self.keep is not None:
+                local = self.keep.get(shard.shard_id, np.zeros(0, dtype=np.int64))
+                table = table.take(pa.array(local))
+            cols: Batch = {"sample_id": object_array(table.column("sample_id").to_pylist())}
+            for name in self.vector_columns:
+                cols[name] = vectors.matrix(table, name, np.float32)
+            for name in self.scalar_columns:
+                cols[name] = object_array(["" if v is None else v for v in table.column(name).to_pylist()])
+            n = table.num_rows
+            cols[FILE] = np.full(n, file_index(shard), dtype=np.int64)
+            cols[POOL_ROW] = shard.start + local
+            cols[SHARD] = object_array([shard.shard_id] * n)
+            cols[SHARD_ROWS] = np.full(n, n, dtype=np.int64)
+            cols[ROW] = np.arange(n, dtype=np.int64)
+            parts.append(cols)
+        return concat(parts)
+
+
+def read_embedding_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
+    """Rows [start, stop) of one embeddings file, only `columns`, checked against the plan."""
+    fs, path = storage.resolve(shard.path)
+    try:
+        table = shard_rows(pq.ParquetFile(path, filesystem=fs), shard, list(columns))
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"embeddings file {shard.path!r} cannot be read ({exc}): re-embed it") from exc
+    if table.num_rows != shard.rows:
+        raise ValueError(
+            f"shard {shard.shard_id} of {shard.path!r} has {table.num_rows} rows, planned {shard.rows}: "
+            "the pool changed since the run was planned"
+        )
+    return table
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the scoring stage turns scores into batch keys (`batch_keys`)."""
+
+    mode: BatchMode  # STOCHASTIC or TOP_K (a greedy batch ranks by TOP_K, then conditions)
+    beta: float
+    seed: int
+
+
+class ScoreStage(Stage):
+    """Scores rows under one posterior (`RowScorer`, fetched once per worker from `scorer`), with each row's
+    batch key and the probit prediction shown next to a pick. Stateful: the scorer is set up once a worker."""
+
+    name: ClassVar[str] = "score"
+    input_columns: ClassVar[tuple[str, ...]] = ("sample_id", "acts", "mean")
+
+    def __init__(
+        self,
+        scorer: Shared,
+        classes: Sequence[str],
+        sampling: Sampling,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        batch_size: int = 4096,
+    ) -> None:
+        self.shared = scorer
+        self.classes = list(classes)
+        self.sampling = sampling
+        self.device = device
+        self.threads = threads
+        self.resources = Resources(num_cpus=num_cpus, num_gpus=num_gpus, stateful=True, batch_size=batch_size)
+        self.scorer: RowScorer | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = super().__getstate__()
+        state["scorer"] = None  # each worker fetches its own from the shared value
+        return state
+
+    def setup(self) -> None:
+        torch.set_num_threads(max(1, self.threads))
+        scorer = self.shared.get()
+        self.scorer = scorer.to(self.device) if self.device != "cpu" else scorer
+
+    def process(self, batch: Batch) -> Batch:
+        assert self.scorer is not None
+        acts = torch.from_numpy(np.ascontiguousarray(batch["acts"]))
+        projected = self.scorer.head.image.mean(acts.to(self.scorer.dtype))
+        stored = torch.from_numpy(np.ascontiguousarray(batch["mean"]))
+        out = self.scorer(Activations(acts, recovered_offsets(stored, projected)))
+        ids = [str(s) for s in batch["sample_id"]]
+        s = self.sampling
+        keys, _ = batch_keys(out.scores.numpy(), ids, s.mode, beta=s.beta, seed=s.seed)
+        floor = np.zeros(len(ids), dtype=bool)
+        if s.mode is BatchMode.STOCHASTIC:
+            floor = out.scores.numpy() < 1e-12
+        confidence, predicted = out.probs.max(dim=1)
+        result = {k: v for k, v in batch.items() if k not in VECTORS}
+        result |= {
+            "score": out.scores.numpy(),
+            "key": keys,
+            "floored": floor,
+            "predicted": object_array([self.classes[int(c)] for c in predicted]),
+            "confidence": confidence.numpy(),
+            "entropy": entropy(out.probs).numpy(),
+        }
+        return result
+
+
+def knn_partial(shard: Shard, queries: Shared, k: int, metric: Metric | str) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` nearest rows of `shard` for every query (exact): (similarities [Nt, k'], global rows [Nt, k']).
+
+    `queries` holds the targets' search vectors (`embed_for_search`); similarities are inner products
+    (cosine) or negated squared distances (wasserstein), so larger is always nearer and partials merge by
+    `merge_knn`. k' = min(k, rows of the shard).
+    """
+    metric = Metric(metric)
+    table = read_embedding_shard(shard, ("mean", "var"))
+    mean = torch.tensor(vectors.matrix(table, "mean", np.float32))
+    var = torch.tensor(vectors.matrix(table, "var", np.float32))
+    pool = embed_for_search(mean, var.clamp_min(0), metric)  # [n, D']
+    q = torch.as_tensor(queries.get())  # [Nt, D']
+    sims = q @ pool.T  # [Nt, n]
+    if metric is Metric.WASSERSTEIN:
+        sims = 2 * sims - (q * q).sum(1, keepdim=True) - (pool * pool).sum(1)[None, :]  # −‖q − x‖²
+    kk = min(k, pool.shape[0])
+    top = sims.topk(kk, dim=1)
+    rows = global_rows(file_index(shard), shard.start + top.indices.numpy())
+    return top.values.numpy().astype(np.float64), rows
+
+
+def merge_knn(
+    a: tuple[np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of two kNN partials per query (associative; ties by the smaller global row)."""
+    if a is None:
+        values, rows = b
+    else:
+        values, rows = np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1)
+    order = np.lexsort((rows, -values), axis=1)[:, :k]
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(rows, order, axis=1)
