@@ -13,77 +13,21 @@ collect -> train -> update -> re-score -> select -> push of round 1. Writes `res
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import torch
-from PIL import Image
-
 from jobs._app import ConfigCommand
-from pipeline.artifacts.posterior import write_posterior
-from pipeline.bayes.contrastive import contrastive_factors
-from pipeline.bayes.kron import KronPosterior
 from pipeline.config import Config
-from pipeline.io import storage, vectors
+from pipeline.experiments.synthetic_world import WorldSizes, build_world
+from pipeline.io import storage
+from pipeline.models.synthetic import SyntheticAdapter  # noqa: F401 - its old home
+from pipeline.models.synthetic import legacy_synthetic as synthetic  # noqa: F401 - see below
 from pipeline.rounds.config import Trainer
 
-MODEL = "factory:jobs.bench_round:synthetic"
-
-
-@dataclass
-class Features:
-    acts: torch.Tensor  # [N, d]
-    offset: torch.Tensor | None = None
-
-
-class SyntheticAdapter:
-    """A CLIP-shaped stand-in: projections of the given sizes with random weights, logit scale 100 (CLIP's
-    cap), text activations hashed from each prompt. Enough for everything a campaign does (it never encodes
-    an image: it works from cached activations)."""
-
-    likelihood = "infonce"
-    scale = 100.0
-    bias = 0.0
-
-    def __init__(self, d: int, dt: int, D: int, seed: int) -> None:
-        self.d, self.dt, self.D, self.seed = d, dt, D, seed
-        g = torch.Generator().manual_seed(seed)
-        self._image = torch.randn(D, d + 1, generator=g, dtype=torch.float64) / math.sqrt(d)
-        self._text = torch.randn(D, dt + 1, generator=g, dtype=torch.float64) / math.sqrt(dt)
-
-    def image_weight(self) -> torch.Tensor:
-        return self._image
-
-    def text_weight(self) -> torch.Tensor:
-        return self._text
-
-    def encode_texts(self, texts: list[str]) -> Features:
-        rows = []
-        for text in texts:
-            digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-            g = torch.Generator().manual_seed(digest % 2**63)
-            rows.append(torch.cat([torch.randn(self.dt, generator=g, dtype=torch.float64), torch.ones(1)]))
-        return Features(torch.stack(rows))
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "name": MODEL,
-            "pretrained": f"{self.d},{self.dt},{self.D},{self.seed}",
-            "weights_sha256": f"synthetic-{self.d}-{self.dt}-{self.D}-{self.seed}",
-            "embed_dim": self.D,
-        }
-
-
-def synthetic(pretrained: str | None, device: str = "cpu") -> SyntheticAdapter:
-    """The `factory:` entry point (`pipeline.stages.embed.ModelSpec`): `pretrained` = "d,dt,D,seed"."""
-    d, dt, D, seed = (int(x) for x in (pretrained or "768,512,512,0").split(","))
-    return SyntheticAdapter(d, dt, D, seed)
+# `synthetic` stays importable here: posterior directories written before the model moved to
+# `pipeline.models.synthetic` name it "factory:jobs.bench_round:synthetic" (`LEGACY_MODEL`), and load
+# through it under that name, which `check_identity` compares. New worlds record the new name.
 
 
 class BenchRoundConfig(Config):
@@ -112,77 +56,13 @@ QUICK = {"pool": 600, "targets": 24, "classes": 4, "d": 24, "dt": 16, "dim": 12,
 QUICK |= {"pairs": 512, "neighbours": 10, "selections": ("float64:1",), "ray_selection": None}
 
 
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (180, 40, 40)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def build(cfg: BenchRoundConfig, work: Path) -> dict[str, Any]:
     """The synthetic posterior, pool, targets, truth and image corpus (skipped when already there)."""
-    marker = work / "data.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    g = torch.Generator().manual_seed(cfg.seed)
-    adapter = SyntheticAdapter(cfg.d, cfg.dt, cfg.dim, cfg.seed)
-    # Starting posterior: factors from synthetic pairs, λ by marginal likelihood (MATH §2-4).
-    img_acts = torch.cat(
-        [torch.randn(cfg.pairs, cfg.d, generator=g, dtype=torch.float64), torch.ones(cfg.pairs, 1)], 1
-    )
-    txt_acts = torch.cat(
-        [torch.randn(cfg.pairs, cfg.dt, generator=g, dtype=torch.float64), torch.ones(cfg.pairs, 1)], 1
-    )
-    block = min(1024, cfg.pairs)
-    image_f, text_f = contrastive_factors(
-        img_acts, img_acts @ adapter.image_weight().T, txt_acts, txt_acts @ adapter.text_weight().T,
-        "infonce", adapter.scale, adapter.bias, block_size=block,
+    sizes = WorldSizes(
+        pool=cfg.pool, targets=cfg.targets, classes=cfg.classes, d=cfg.d, dt=cfg.dt, dim=cfg.dim,
+        pairs=cfg.pairs, seed=cfg.seed,
     )  # fmt: skip
-    image = KronPosterior.fit(image_f, adapter.image_weight())
-    text = KronPosterior.fit(text_f, adapter.text_weight())
-    posterior = work / "posterior"
-    write_posterior(
-        posterior, image, text, likelihood="infonce", scale=adapter.scale, bias=adapter.bias,
-        model=adapter.identity(), provenance={"synthetic_pairs": cfg.pairs},
-    )  # fmt: skip
-    # Pool and targets: a class-clustered mixture, the targets from the "shifted" half's region.
-    centres = torch.randn(cfg.classes, cfg.d, generator=g, dtype=torch.float64)
-    shift = torch.randn(cfg.d, generator=g, dtype=torch.float64)
-    images = work / "images.parquet"
-    storage.write_parquet(pa.table({"image": [_png()] * cfg.pool}), images)
-    truth: dict[str, list[Any]] = {"sample_id": [], "label": []}
-    for name, n in (("pool", cfg.pool), ("targets", cfg.targets)):
-        labels = torch.randint(cfg.classes, (n,), generator=g)
-        shifted = torch.rand(n, generator=g) < (0.5 if name == "pool" else 1.0)
-        acts = centres[labels] + 0.8 * torch.randn(n, cfg.d, generator=g, dtype=torch.float64)
-        acts = acts + shifted[:, None].double() * shift
-        acts = torch.cat([acts, torch.ones(n, 1, dtype=torch.float64)], 1)
-        ids = [f"{name}-{i:07d}" for i in range(n)]
-        for lo in range(0, n, 20_000):
-            part = slice(lo, lo + 20_000)
-            mean, var = image.mean(acts[part]), image.embedding_variance(acts[part])
-            table = pa.table(
-                {
-                    "sample_id": ids[part],
-                    "mean": vectors.vector_column(mean),
-                    "var": vectors.vector_column(var),
-                    "acts": vectors.vector_column(acts[part]),
-                    "source": [f"{images}#{i}" for i in range(lo, min(lo + 20_000, n))],
-                    "domain": ["shifted" if s else "clean" for s in shifted[part].tolist()],
-                }
-            )
-            meta = {"posterior_id": None, "projection_sha256": None, "model": adapter.identity()}
-            table = table.replace_schema_metadata({b"bayescurate": json.dumps(meta).encode()})
-            storage.write_parquet(table, work / name / f"part-{lo // 20_000:05d}.parquet")
-        if name == "pool":
-            truth["sample_id"] += ids
-            truth["label"] += [f"class-{int(c)}" for c in labels]
-    storage.write_parquet(pa.table(truth), work / "truth.parquet")
-    classes = {"classes": [f"class-{c}" for c in range(cfg.classes)], "prompts": ["a photo of a {}"]}
-    storage.write_json(work / "classes.json", classes)
-    info = {"posterior": str(posterior), "pool": str(work / "pool"), "targets": str(work / "targets")}
-    info |= {"truth": str(work / "truth.parquet"), "classes": str(work / "classes.json")}
-    storage.write_json(marker, info)
-    return info
+    return dict(build_world(work, sizes))
 
 
 def _campaign(

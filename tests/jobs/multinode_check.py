@@ -1,5 +1,6 @@
 """Run by test_multinode.py in a fresh process: a head + 2 worker nodes `ray.cluster_utils.Cluster`,
-fit-posterior on it and in-process, then print a JSON report (factor differences, nodes that did work)."""
+fit-posterior on it and in-process, then `embed` and `curate` on it and curate in-process, then print a
+JSON report (factor differences, the two curated sets, nodes that did work)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(work: str) -> None:
+    import pyarrow.parquet as pq
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs import fit_posterior, make_world
+    from jobs import curate, embed, fit_posterior, make_world
     from pipeline import runtime
     from pipeline.artifacts.factors import load_factors
     from pipeline.artifacts.posterior import read_info
@@ -54,10 +56,25 @@ def main(work: str) -> None:
             "--no-tracking",
         ]
         rc_cluster = fit_posterior.main([*args, "--out", f"{work}/cluster"])
+        emb = ["--images", f"{work}/world", "--posterior", f"{work}/cluster", "--out", f"{work}/emb"]
+        rc_embed = embed.main([*emb, "--activations", "--rows-per-shard", "100"])
+        pick = ["--pool", f"{work}/emb", "--targets", f"{work}/emb", "--posterior", f"{work}/cluster"]
+        pick += ["--classes", f"{work}/world/classes/shape.json", "--budget", "20", "--batch", "stochastic"]
+        pick += ["--draws", "8", "--rows-per-shard", "40", "--batch-size", "40", "--no-tracking"]
+        rc_curate = curate.main([*pick, "--out", f"{work}/curated-cluster"])
     finally:
         ray.shutdown()
         cluster.shutdown()
     rc_local = fit_posterior.main([*args, "--out", f"{work}/local", "--executor", "local"])
+    rc_curate_local = curate.main([*pick, "--out", f"{work}/curated-local", "--executor", "local"])
+    curated = {
+        where: json.loads(Path(f"{work}/curated-{where}/curate.json").read_text())
+        for where in ("cluster", "local")
+    }
+    picks = {
+        where: pq.read_table(f"{work}/curated-{where}/curated.parquet")["sample_id"].to_pylist()
+        for where in ("cluster", "local")
+    }
     diffs = {}
     for tower in ("image", "text"):
         a = load_factors(f"{work}/cluster/{tower}.safetensors")
@@ -71,7 +88,17 @@ def main(work: str) -> None:
     nodes = read_info(f"{work}/cluster")["data"]["nodes"]
     print(
         "REPORT "
-        + json.dumps({"rc": [rc_cluster, rc_local], "diffs": diffs, "nodes": nodes, "all_nodes": all_nodes})
+        + json.dumps(
+            {
+                "rc": [rc_cluster, rc_local],
+                "diffs": diffs,
+                "nodes": nodes,
+                "all_nodes": all_nodes,
+                "curate_rc": [rc_embed, rc_curate, rc_curate_local],
+                "curate_nodes": curated["cluster"]["nodes"],
+                "picks": picks,
+            }
+        )
     )
 
 

@@ -1,5 +1,6 @@
-"""Multi-node: fit-posterior on a head + 2 nodes Ray cluster equals the single-process factors, and every
-node did work. Runs in a subprocess so its cluster never meets the session's local Ray."""
+"""Multi-node: fit-posterior on a head + 2 nodes Ray cluster equals the single-process factors, curate on it
+picks what it picks in-process, and the work was split across the nodes. Runs in a subprocess so its
+cluster never meets the session's local Ray."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_cluster_fit_matches_single_process(tmp_path: Path) -> None:
     script = Path(__file__).with_name("multinode_check.py")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(script.parents[2])}
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=420, env=env
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,3 +32,8 @@ def test_cluster_fit_matches_single_process(tmp_path: Path) -> None:
     worked = set().union(*map(set, report["nodes"].values()))
     assert len(report["all_nodes"]) == 3
     assert worked == set(report["all_nodes"]), report["nodes"]
+    # curate: the same batch as in-process; the kNN partials and the scored blocks ran on several nodes.
+    assert report["curate_rc"] == [0, 0, 0]
+    assert report["picks"]["cluster"] == report["picks"]["local"] and len(report["picks"]["local"]) == 20
+    for stage in ("knn", "score"):
+        assert len(report["curate_nodes"][stage]) >= 2, report["curate_nodes"]
