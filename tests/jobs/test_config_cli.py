@@ -233,3 +233,30 @@ def test_the_readme_campaign_reference_lists_every_field_as_the_config_has_it() 
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config_reference(CampaignConfig) in readme, "regenerate the table with jobs._app.config_reference"
+
+
+def test_the_selection_section_keeps_its_flat_flag_and_yaml_names(tmp_path: Path) -> None:
+    """`--method`, not `--selection-method`; a top-level `budget:` in YAML lands in the section, and a flag
+    (nested in the section) wins over it; campaigns name a changed setting by its own name."""
+    from jobs._app import ConfigCommand
+    from pipeline.config import changed_fields
+    from pipeline.flows.curate import CurateConfig
+    from pipeline.rounds.config import CampaignConfig
+
+    command = ConfigCommand(CurateConfig, lambda cfg: 0, "curate")
+    assert {
+        "--method",
+        "--budget",
+        "--batch",
+        "--beta",
+        "--whole-pool",
+        "--dedupe-cosine",
+    } <= command.option_names()
+    assert not any(o.startswith("--selection") for o in command.option_names())
+    config = tmp_path / "c.yaml"
+    config.write_text("pool: p\nposterior: q\nclasses: c\nout: o\nbudget: 7\nmethod: bald\n")
+    cfg = command.parse(["--config", str(config), "--method", "entropy", "--beta", "2"])
+    assert (cfg.selection.budget, cfg.selection.method.value, cfg.selection.beta) == (7, "entropy", 2.0)
+    old = CampaignConfig(pool="p", classes="c", posterior="q", budget=4, label_source="oracle", truth="t")
+    new = CampaignConfig.model_validate(old.model_dump() | {"selection": {"budget": 5}, "poll_s": 1.0})
+    assert changed_fields(old, new) == ["budget", "poll_s"]
