@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("jobs.bench_pipeline", "Ray embed throughput vs a plain torch loop; memory at scale."),
     "select": ("jobs.bench_select", "Greedy batch selection at ViT-B/32 sizes: fast exact path vs old loop."),
     "active-learning": ("jobs.bench_active_learning", "Accuracy per label of the acquisitions in campaigns."),
+    "curate": ("jobs.bench_curate", "curate on synthetic ViT-B/32-sized pools: Ray vs a plain loop, memory."),
     "round": ("jobs.bench_round", "Round latency at ViT-B/32 sizes: labels in -> next batch in Label Studio"),
 }
 
