@@ -114,34 +114,39 @@ class TaskInput:
 
     def to_task(self) -> dict[str, Any]:
         """The import payload. Scores stay JSON numbers, rounded for people: the Data Manager then sorts them
-        numerically (strings sort as text: "10.5" < "9.25")."""
+        numerically (strings sort as text: "10.5" < "9.25").
+
+        The data keys come in the order annotators read them: the image, the model's answer, its confidence,
+        the scores, rank and round, then the bookkeeping. Label Studio lays out a project's data columns in
+        the order it first saw their keys (on a server that keeps JSON key order: SQLite does, PostgreSQL's
+        jsonb sorts keys by length), so this order is the one the Data Manager shows."""
         sid = self.sample_id
-        data: dict[str, Any] = {
-            TO_NAME: self.image,
-            "sample_id": sid,
-            "round": _whole(self.round, "round", sid),
-        }
+        p = self.prediction
         if self.mlflow_run is not None and not self.mlflow_run.startswith(("http://", "https://")):
             raise ValueError(f"mlflow_run of sample {sid!r} is not an http(s) URL: {self.mlflow_run!r}")
+        confidence = self.confidence
+        if confidence is None and p is not None and "confidence" not in {*self.uncertainty, *self.extra}:
+            confidence = p.score
         fields = [
-            *((_data_key(k, sid, sortable=False), v) for k, v in self.extra.items()),
+            (TO_NAME, self.image),
+            ("predicted", None if p is None else p.label),
+            ("confidence", None if confidence is None else _rounded(confidence, "confidence", sid)),
             *((_data_key(k, sid), _rounded(v, k, sid)) for k, v in self.uncertainty.items()),
-            ("confidence", None if self.confidence is None else _rounded(self.confidence, "confidence", sid)),
             ("rank", None if self.rank is None else _whole(self.rank, "rank", sid)),
+            ("round", _whole(self.round, "round", sid)),
+            ("sample_id", sid),
+            *((_data_key(k, sid, sortable=False), v) for k, v in self.extra.items()),
             ("mlflow_run", self.mlflow_run),
         ]
+        data: dict[str, Any] = {}
         for key, value in fields:
             if value is None:
                 continue
             if key in data:
                 raise ValueError(f"task field {key!r} of sample {sid!r} is given twice")
             data[key] = value
-        p = self.prediction
-        if "confidence" not in data and p is not None:
-            data["confidence"] = _rounded(p.score, "confidence", sid)
         task: dict[str, Any] = {"data": data}
         if p is not None:
-            data["predicted"] = p.label
             task["predictions"] = [
                 {
                     "model_version": p.model_version or f"round-{self.round}",
@@ -514,20 +519,39 @@ class LabelStudioClient:
         order_by: str,
         descending: bool = True,
         number_columns: Sequence[str] = (),
+        columns: Sequence[str] = (),
     ) -> int:
         """A Data Manager tab titled `title` that orders the tasks by the data field `order_by`, as the UI's
         column header does; returns its id (for `sample_ids(view=)` or the UI's `?tab=`).
 
         `order_by` and `number_columns` are displayed as numbers (`columnsDisplayType`): only then does
         Label Studio cast the field to a float when ordering on PostgreSQL (SQLite orders JSON numbers
-        numerically anyway). Idempotent: an existing tab keeps its filters and hidden columns.
+        numerically anyway). `columns`: the task data fields the tab shows; every other column, Label
+        Studio's own bookkeeping included, is hidden in this tab (list and labeling views) and stays in its
+        column menu. Label Studio has no column order of its own to set: its own columns come first (hidden
+        here), then the data fields, the labeling config's image first, the rest in the order the project
+        first saw their keys (see `TaskInput.to_task`). Call it after the import, so that the fields exist.
+
+        Idempotent: an existing tab keeps its filters and the columns people showed or hid in it (one that
+        never had a column choice gets `columns`); no other tab is ever changed.
         """
         names = [order_by, *(c for c in number_columns if c != order_by)]
-        for name in names:
+        for name in [*names, *columns]:
             if not _FIELD.match(name):
                 raise ValueError(f"{name!r} is not a task data field name (letters, digits, underscores)")
         ordering = [f"{'-' if descending else ''}tasks:data.{order_by}"]
         display = {f"tasks:data.{name}": "Number" for name in names}
+
+        def hidden() -> dict[str, list[str]]:
+            shown = {f"tasks:data.{name}" for name in columns}
+            listed = self._request("GET", "api/dm/columns/", params={"project": project.id})
+            every = [
+                f"tasks:{'data.' if c.get('parent') == 'data' else ''}{c['id']}"
+                for c in (listed or {}).get("columns", [])
+                if c.get("target", "tasks") == "tasks" and not c.get("children")
+            ]
+            ids = sorted(c for c in set(every) if c not in shown)
+            return {"explore": ids, "labeling": list(ids)}
 
         def ensure() -> int:
             views = self._request("GET", "api/dm/views/", params={"project": project.id})
@@ -535,21 +559,36 @@ class LabelStudioClient:
                 (v for v in views if (v.get("data") or {}).get("title") == title), key=lambda v: v["id"]
             )
             if not mine:
-                data = {"title": title, "ordering": ordering, "columnsDisplayType": display}
+                data: dict[str, Any] = {"title": title, "ordering": ordering, "columnsDisplayType": display}
+                if columns:
+                    data["hiddenColumns"] = hidden()
                 return int(
                     self._request("POST", "api/dm/views/", json={"project": project.id, "data": data})["id"]
                 )
             view = mine[0]
             data = dict(view.get("data") or {})
             shown = {**(data.get("columnsDisplayType") or {}), **display}
-            if data.get("ordering") != ordering or data.get("columnsDisplayType") != shown:
-                data |= {"ordering": ordering, "columnsDisplayType": shown}
+            wanted = {"ordering": ordering, "columnsDisplayType": shown}
+            if columns and not data.get("hiddenColumns"):
+                wanted["hiddenColumns"] = hidden()
+            if any(data.get(key) != value for key, value in wanted.items()):
                 self._request(
-                    "PATCH", f"api/dm/views/{view['id']}/", json={"project": project.id, "data": data}
+                    "PATCH",
+                    f"api/dm/views/{view['id']}/",
+                    json={"project": project.id, "data": data | wanted},
                 )
             return int(view["id"])
 
         return self._call(f"ensure view {title!r} of project {project.title!r}", ensure)
+
+    def find_view(self, project: Project, title: str) -> int | None:
+        """Id of the project's Data Manager tab titled `title` (the lowest, if several), or None."""
+        views = self._call(
+            f"list the views of project {project.title!r}",
+            lambda: self._request("GET", "api/dm/views/", params={"project": project.id}),
+        )
+        ids = [int(v["id"]) for v in views if (v.get("data") or {}).get("title") == title]
+        return min(ids) if ids else None
 
     # ------------------------------------------------------------------------------------------- tasks
 

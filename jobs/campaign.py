@@ -254,6 +254,15 @@ def format_status(report: dict) -> str:
                 f"{m['nll']:>7.3f} {b['nll']:>9.3f}"
             )
         lines.append(row)
+    worst = report.get("worst_classes") or {}
+    if worst.get("classes"):
+        when = "at the start" if worst.get("round") is None else f"after round {worst['round']}"
+        named = ", ".join(
+            f"{c['class']} {c['Bayes']:.2f}"
+            + (f" (start {c['Bayes_start']:.2f})" if c.get("Bayes_start") is not None else "")
+            for c in worst["classes"]
+        )
+        lines.append(f"worst classes, Bayes recall on the evaluation set {when}: {named}")
     if report.get("waiting"):
         lines.append(f"waiting: {report['waiting']}")
     if report.get("lease"):

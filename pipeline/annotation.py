@@ -138,8 +138,35 @@ class TaskRow:
     rank: int
     predicted: str
     confidence: float
-    scores: Mapping[str, float]  # e.g. {"epig": 0.31, "entropy": 1.2}: numeric, sortable columns
+    # The method's score first (e.g. {"epig": 0.31, "entropy": 1.2}): numeric, sortable columns.
+    scores: Mapping[str, float]
     mlflow_run: str | None = None  # URL of the MLflow run of the round that picked it
+
+
+INFORMATIVENESS = "informativeness"  # task field: the pick's score in percent of its round's best pick
+
+
+def tab_title(score: str) -> str:
+    """Title of the Data Manager tab `push_tasks` makes for a method's score."""
+    return f"most informative first ({score})"
+
+
+def informativeness(rows: Sequence[TaskRow]) -> dict[str, float]:
+    """sample_id -> 100 * score / (the best score of its round), one decimal, for the rows' first score.
+
+    The raw scores (EPIG, BALD in nats) are tiny and mean nothing to a person; a share of the round's best
+    pick reads at a glance (100: the pick the model asked about most; 5: a twentieth of that) and orders the
+    picks exactly as the score does. Negative scores (Monte Carlo noise around zero) count as 0; a round whose
+    best score is not positive (the random baseline scores 0) gets 0 throughout.
+    """
+    score = {r.sample_id: max(float(next(iter(r.scores.values()), 0.0)), 0.0) for r in rows}
+    best: dict[int, float] = {}
+    for r in rows:
+        best[r.round] = max(best.get(r.round, 0.0), score[r.sample_id])
+    return {
+        r.sample_id: round(100.0 * score[r.sample_id] / best[r.round], 1) if best[r.round] > 0 else 0.0
+        for r in rows
+    }
 
 
 def push_tasks(
@@ -152,8 +179,13 @@ def push_tasks(
     *,
     model_version: str,
 ) -> dict[str, Any]:
-    """Create the tasks that the project does not hold yet (keyed by sample_id); returns counts and URL."""
-    from connectors.label_studio import Prediction, TaskInput
+    """Create the tasks that the project does not hold yet (keyed by sample_id), then its Data Manager tab:
+    the image, prediction, confidence, informativeness, the method's score, rank and round, most informative
+    first. Returns counts, the tab's id and its URL.
+
+    `rows` are whole rounds (informativeness is relative to each round's best pick), as a campaign's push and
+    `select` send them."""
+    from connectors.label_studio import TO_NAME, Prediction, TaskInput
 
     project = client.ensure_project(project_title, list(classes))
     existing = client.task_ids(project)
@@ -164,13 +196,14 @@ def push_tasks(
     for bucket, prefix in images.buckets.items():  # after staging: Label Studio checks the prefix has objects
         client.ensure_s3_storage(project, bucket, prefix)
     urls = images.urls
+    shares = informativeness(rows)
     tasks = [
         TaskInput(
             sample_id=r.sample_id,
             image=urls[r.sample_id],
             round=r.round,
             prediction=Prediction(r.predicted, r.confidence, model_version),
-            uncertainty=dict(r.scores),
+            uncertainty={INFORMATIVENESS: shares[r.sample_id], **r.scores},
             confidence=r.confidence,
             rank=r.rank + 1,
             mlflow_run=r.mlflow_run,
@@ -178,15 +211,23 @@ def push_tasks(
         for r in todo
     ]
     result = client.import_tasks(project, tasks)
-    if rows:  # a Data Manager tab that sorts the scores as numbers, most informative first
-        score = next(iter(rows[0].scores), "confidence")
-        numbers = (*rows[0].scores, "confidence", "rank", "round")
-        client.ensure_view(
-            project, f"most informative first ({score})", order_by=score, number_columns=numbers
-        )
-    return {
+    out: dict[str, Any] = {
         "project_id": project.id,
         "url": f"{client.url}/projects/{project.id}/data",
         "created": len(result.created),
         "skipped": len(rows) - len(result.created),
     }
+    if rows:  # the tab annotators open: what the model doubts, readable, most informative first
+        score = next(iter(rows[0].scores), "confidence")
+        shown = (TO_NAME, "predicted", "confidence", INFORMATIVENESS, score, "rank", "round")
+        # The raw scores keep Label Studio's plain display: its number display shows three decimals, 0.000
+        # for an EPIG of 0.0002 (a person switches it with the column's type badge).
+        view = client.ensure_view(
+            project,
+            tab_title(score),
+            order_by=INFORMATIVENESS,
+            number_columns=("confidence", "rank", "round"),
+            columns=tuple(dict.fromkeys(shown)),
+        )
+        out |= {"view": view, "url": f"{out['url']}?tab={view}"}
+    return out

@@ -116,8 +116,9 @@ def histogram_png(
     return _png(fig)
 
 
-def shares_png(shares: Mapping[str, Mapping[str, float]], *, title: str) -> bytes:
-    """Grouped bars: for each series (e.g. "picks", "pool") the share of each category (e.g. a domain)."""
+def shares_png(shares: Mapping[str, Mapping[str, float]], *, title: str, ylabel: str = "share") -> bytes:
+    """Grouped bars: for each series (e.g. "picks", "pool") the share of each category (e.g. a domain), or
+    any other value in [0, 1] (e.g. each class's recall under "MAP" and "Bayes")."""
     plt = _pyplot()
     categories = sorted({c for values in shares.values() for c in values})
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(categories) + 2), 4))
@@ -126,7 +127,7 @@ def shares_png(shares: Mapping[str, Mapping[str, float]], *, title: str) -> byte
         x = np.arange(len(categories)) + i * width
         ax.bar(x, [values.get(c, 0.0) for c in categories], width=width, label=name)
     ax.set_xticks(np.arange(len(categories)) + width * (len(shares) - 1) / 2, categories)
-    ax.set(title=title, ylabel="share")
+    ax.set(title=title, ylabel=ylabel)
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()

@@ -367,6 +367,15 @@ def resolved_batch(settings: SelectionSettings) -> BatchMode:
     return mode
 
 
+def check_batch(settings: SelectionSettings, mode: BatchMode) -> None:
+    """Refuse settings that contradict the batch mode."""
+    if settings.dedupe_cosine is not None and mode is BatchMode.GREEDY:
+        raise ValueError(
+            "--dedupe-cosine needs --batch stochastic or top-k: a greedy batch already conditions on "
+            "each pick"
+        )
+
+
 def _ranked(
     p: Problem, sample_ids: list[str], mode: BatchMode, budget: int, mean: Tensor, var: Tensor
 ) -> tuple[list[int], list[float], int, int]:
@@ -413,11 +422,7 @@ def choose(
         raise ValueError("the pool is empty")
     settings = settings if seed is None else settings.model_copy(update={"seed": seed})
     mode = resolved_batch(settings)
-    if settings.dedupe_cosine is not None and mode is BatchMode.GREEDY:
-        raise ValueError(
-            "--dedupe-cosine needs --batch stochastic or top-k: a greedy batch already conditions on "
-            "each pick"
-        )
+    check_batch(settings, mode)
     gen = torch.Generator().manual_seed(settings.seed)
     target_rows = None
     if targets is not None and len(targets) > 0:

@@ -48,6 +48,21 @@ def accuracy(probs: Tensor, labels: Tensor) -> float:
     return float((probs.argmax(dim=1) == labels).double().mean())
 
 
+def per_class_recall(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Accuracy within each true class: `recall_c = #{n: y_n = c, argmax p_n = c} / #{n: y_n = c}`.
+
+    probs [N, C], labels [N] -> (recall [C] float64, NaN for a class without samples; counts [C] int64).
+    The mean of `recall` weighted by `counts` is `accuracy`; a class the model never gets right has 0 however
+    well the others do, which the overall accuracy hides.
+    """
+    _check(probs, labels)
+    c = probs.shape[1]
+    counts = torch.bincount(labels, minlength=c)  # [C]
+    hits = torch.bincount(labels[probs.argmax(dim=1) == labels], minlength=c)  # [C]
+    recall = hits.double() / counts.double()  # 0/0 = NaN for an absent class
+    return recall, counts
+
+
 def nll(probs: Tensor, labels: Tensor) -> float:
     """Mean negative log-likelihood `−(1/N) Σ_n log p_n[y_n]` in nats (probabilities clamped at `EPS`)."""
     _check(probs, labels)

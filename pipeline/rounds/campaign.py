@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -30,16 +31,18 @@ import yaml
 
 from pipeline import runtime
 from pipeline.annotation import TaskRow
-from pipeline.artifacts.posterior import Lineage, read_info, write_posterior
+from pipeline.artifacts.posterior import Lineage, projection_sha256, read_info, write_posterior
+from pipeline.bayes.batches import BatchMode
 from pipeline.bayes.head import Activations
 from pipeline.bayes.online import labelled_factors, updated_posterior
 from pipeline.classes import read_classes
 from pipeline.config import changed_fields
+from pipeline.flows.pool_engine import PoolScoring, choose_from_pool, plan_pool, pool_size, rows_by_id
 from pipeline.flows.select import selection_table
-from pipeline.io import faults, storage, tensors
+from pipeline.io import faults, storage, tensors, vectors
 from pipeline.rounds import labels as labels_table
-from pipeline.rounds import lease
-from pipeline.rounds.config import OPERATIONAL_FIELDS, CampaignConfig, Trainer
+from pipeline.rounds import lease, review
+from pipeline.rounds.config import OPERATIONAL_FIELDS, STREAM_ROWS, CampaignConfig, PoolEngine, Trainer
 from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
 from pipeline.rounds.evaluation import evaluate
 from pipeline.rounds.sources import LabelStudioSource, Source, make_source
@@ -55,10 +58,13 @@ from pipeline.rounds.state import (
 )
 from pipeline.rounds.tracking import CampaignTracker
 from pipeline.runtime import Executor
-from pipeline.selection import choose
+from pipeline.selection import Acquisition, Pick, SelectionSettings, choose, resolved_batch
+from pipeline.stages.curate import recovered_offsets
 from pipeline.train.data import TrainData
 
 Log = Callable[[str], None]
+
+ROWS_PER_SHARD = 16384  # pool rows per scoring shard of a streamed round (the unit of resumable work)
 
 
 def _now() -> datetime:
@@ -119,7 +125,7 @@ def init(
         start = read_info(cfg.posterior)
         cache = write_cache(directory, cfg.posterior, spec)
         campaign = Campaign(directory, cfg, cache)
-        pool = campaign.pool()  # reads and checks the embeddings now, not at the first step
+        pool_rows = campaign.check_pool()  # reads and checks the embeddings now, not at the first step
         if cfg.targets:
             campaign.targets()
         baseline: dict[str, Any] = {}
@@ -134,7 +140,7 @@ def init(
         state = write_state(directory, CampaignState(mlflow_run_id=parent, baseline=baseline))
         campaign.tracker.log_curve(parent, state)
         log(
-            f"campaign {directory}: pool {len(pool)} rows, {len(cache.classes)} classes, starting posterior "
+            f"campaign {directory}: pool {pool_rows} rows, {len(cache.classes)} classes, starting posterior "
             f"{start['posterior_id']}, labels from {cfg.label_source.value}"
         )
         return state
@@ -166,6 +172,18 @@ class StepReport:
     finished: str | None = None  # why no further round starts (rounds reached, pool exhausted)
 
 
+@dataclass(frozen=True)
+class _Chosen:
+    """A round's batch and what selecting it saw."""
+
+    picks: list[Pick]
+    batch: BatchMode
+    candidates: int  # rows scored
+    pool_left: int  # pool rows not picked by an earlier round
+    columns: dict[str, list]  # the pool's source and domain columns of the picks
+    rescore_s: float
+
+
 class Campaign:
     """A campaign directory with its config, model cache and label source loaded."""
 
@@ -179,6 +197,7 @@ class Campaign:
         self._rows: dict[str, Rows] = {}
         self._source: Source | None = None
         self._start_head: Any = None
+        self._pool_rows: int | None = None
 
     # -- inputs ------------------------------------------------------------------------------------
     @property
@@ -194,6 +213,14 @@ class Campaign:
 
     def pool(self) -> Rows:
         return self._load("pool", self.cfg.pool)
+
+    def check_pool(self) -> int:
+        """The pool's rows, its files checked to hold activations made under the starting projection (a
+        streamed pool is not read: only its Parquet footers are)."""
+        if self.streamed:
+            shards, _ = plan_pool(self.cfg.pool, ROWS_PER_SHARD, projection_sha256(self.start_info))
+            return sum(s.rows for s in shards)
+        return len(self.pool())
 
     def targets(self) -> Rows | None:
         return self._load("targets", self.cfg.targets) if self.cfg.targets else None
@@ -227,6 +254,16 @@ class Campaign:
         return evaluate(head, self.cache, rows, column, self.cfg.domain_column)
 
     # -- transitions -------------------------------------------------------------------------------
+    @property
+    def streamed(self) -> bool:
+        """Whether rounds use the pool engine instead of holding the pool (`PoolEngine`)."""
+        engine = self.cfg.engine
+        if engine is PoolEngine.AUTO:
+            if self._pool_rows is None:
+                self._pool_rows = pool_size(self.cfg.pool)
+            return self._pool_rows > STREAM_ROWS
+        return engine is PoolEngine.STREAM
+
     def select(self, state: CampaignState, index: int) -> tuple[CampaignState, str | None]:
         """Choose round `index`'s picks; returns the new state, or the old one and why nothing was picked."""
         started = time.perf_counter()
@@ -234,33 +271,17 @@ class Campaign:
         posterior = self.posterior_of(index)
         head = self.cache.head(posterior)
         posterior_id = read_info(posterior)["posterior_id"]
-        taken = {sid for r in state.rounds for sid in self.picks(r.index)}
-        pool = self.pool()
-        keep = torch.tensor(
-            [i for i, sid in enumerate(pool.sample_ids) if sid not in taken], dtype=torch.long
-        )
-        if len(keep) == 0:
-            return state, f"the pool is exhausted ({len(pool)} rows, all picked)"
-        t0 = time.perf_counter()
-        remaining = pool.take(keep).rescored(head)
-        targets = self.targets()
-        targets = targets.rescored(head) if targets is not None else None
-        rescore_s = time.perf_counter() - t0
+        taken = frozenset(sid for r in state.rounds for sid in self.picks(r.index))
         seed = cfg.selection.seed + index
-        choice = choose(
-            head,
-            Activations(self.cache.text_acts, self.cache.text_offset),
-            self.cache.classes,
-            remaining,
-            cfg.selection,
-            targets=targets,
-            seed=seed,
-        )
-        picks = choice.picks
+        settings = cfg.selection.model_copy(update={"seed": seed})
+        choose_in = self._choose_streamed if self.streamed else self._choose_in_memory
+        chosen = choose_in(head, posterior_id, settings, taken, index)
+        if isinstance(chosen, str):
+            return state, chosen
         params = {
             "round": index,
             "method": cfg.selection.method.value,
-            "batch": choice.batch.value,
+            "batch": chosen.batch.value,
             "budget": cfg.selection.budget,
             "draws": cfg.selection.draws,
             "seed": seed,
@@ -268,28 +289,112 @@ class Campaign:
             "start_posterior_id": self.cache.posterior_id,
             "trainer": cfg.trainer.value,
             "label_source": cfg.label_source.value,
+            "engine": "stream" if self.streamed else "memory",
         }
         run_id = self.tracker.round_run(state.mlflow_run_id, index, params)
-        columns = remaining.columns
-        by_id = {sid: i for i, sid in enumerate(remaining.sample_ids)}
-        table = selection_table(picks, index)
-        for name in ("source", cfg.domain_column):
-            if name in columns:
-                table = table.append_column(
-                    name, pa.array([columns[name][by_id[p.sample_id]] for p in picks])
-                )
+        table = selection_table(chosen.picks, index)
+        for name, values in chosen.columns.items():
+            table = table.append_column(name, pa.array(values))
         storage.write_parquet(table, storage.join(round_dir(self.directory, index), "picks.parquet"))
         round_ = Round(
             index=index,
             state=RoundState.SELECTED,
             posterior_id=posterior_id,
-            picks=len(picks),
+            picks=len(chosen.picks),
             seed=seed,
             mlflow_run_id=run_id,
-            counts={"tasks": len(picks), "candidates": choice.candidates, "pool_left": len(remaining)},
-            timings={"rescore": rescore_s, "select": time.perf_counter() - started - rescore_s},
+            counts={
+                "tasks": len(chosen.picks),
+                "candidates": chosen.candidates,
+                "pool_left": chosen.pool_left,
+            },
+            timings={"rescore": chosen.rescore_s, "select": time.perf_counter() - started - chosen.rescore_s},
         )
         return write_state(self.directory, state.with_round(round_)), None
+
+    def _choose_in_memory(
+        self, head: Any, posterior_id: str, settings: SelectionSettings, taken: frozenset[str], index: int
+    ) -> _Chosen | str:
+        """The round's batch with the pool's activations held here and re-scored by matrix products."""
+        pool = self.pool()
+        keep = torch.tensor(
+            [i for i, sid in enumerate(pool.sample_ids) if sid not in taken], dtype=torch.long
+        )
+        if len(keep) == 0:
+            return f"the pool is exhausted ({len(pool)} rows, all picked)"
+        t0 = time.perf_counter()
+        remaining = pool.take(keep).rescored(head)
+        targets = self.targets()
+        targets = targets.rescored(head) if targets is not None else None
+        rescore_s = time.perf_counter() - t0
+        text = Activations(self.cache.text_acts, self.cache.text_offset)
+        choice = choose(head, text, self.cache.classes, remaining, settings, targets=targets)
+        by_id = {sid: i for i, sid in enumerate(remaining.sample_ids)}
+        columns = {
+            name: [remaining.columns[name][by_id[p.sample_id]] for p in choice.picks]
+            for name in dict.fromkeys(("source", self.cfg.domain_column))
+            if name in remaining.columns
+        }
+        return _Chosen(choice.picks, choice.batch, choice.candidates, len(remaining), columns, rescore_s)
+
+    def _choose_streamed(
+        self, head: Any, posterior_id: str, settings: SelectionSettings, taken: frozenset[str], index: int
+    ) -> _Chosen | str:
+        """The round's batch from the pool engine: the pool streams shard by shard under the round's
+        posterior (offsets against the starting projection); earlier picks are left out."""
+        cfg = self.cfg
+        shards, scalar = plan_pool(cfg.pool, ROWS_PER_SHARD, projection_sha256(self.start_info))
+        rows = sum(s.rows for s in shards)
+        if rows - len(taken) <= 0:
+            return f"the pool is exhausted ({rows} rows, all picked)"
+        mode = resolved_batch(settings)
+        t0 = time.perf_counter()
+        targets = self.targets()
+        targets = targets.rescored(head) if targets is not None else None
+        if targets is None and settings.method is Acquisition.EPIG:
+            raise ValueError(
+                "EPIG on a streamed pool needs `targets` (the domain the labels are for); set targets, "
+                "another method, or engine: memory"
+            )
+        scoring = PoolScoring(
+            head,
+            Activations(self.cache.text_acts, self.cache.text_offset),
+            self.cache.classes,
+            posterior_id,
+            targets,
+            reference=self.cache.image_weight,
+            exclude=taken,
+        )
+        executor = Executor(cfg.trainer.value)
+        with runtime.ray_session(executor, cfg.address, cfg.num_cpus):
+            found = choose_from_pool(
+                scoring,
+                settings,
+                mode,
+                cfg.pool,
+                shards,
+                scalar,
+                round_dir(self.directory, index),
+                executor=executor,
+            )
+        random = settings.method is Acquisition.RANDOM
+        picks = [
+            Pick(
+                row["sample_id"],
+                rank,
+                0.0 if random else float(row["score"]),
+                row["predicted"],
+                float(row["confidence"]),
+                float(row["entropy"]),
+            )
+            for rank, row in enumerate(found.picks.to_pylist())
+        ]
+        columns = {
+            name: found.picks.column(name).to_pylist()
+            for name in dict.fromkeys(("source", cfg.domain_column))
+            if name in found.picks.column_names
+        }
+        return _Chosen(picks, mode, found.candidates, rows - len(taken), columns, time.perf_counter() - t0)
 
     def picks(self, index: int) -> list[str]:
         path = storage.join(round_dir(self.directory, index), "picks.parquet")
@@ -301,15 +406,8 @@ class Campaign:
         started = time.perf_counter()
         rdir = round_dir(self.directory, round_.index)
         picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
-        pool = self.pool()
-        sources: dict[str, str] = {}
-        if "source" in pool.columns:
-            wanted = {p["sample_id"] for p in picks}
-            sources = {
-                sid: src
-                for sid, src in zip(pool.sample_ids, pool.columns["source"], strict=True)
-                if sid in wanted
-            }
+        # picks.parquet carries the pool's source column: pushing never reads the pool.
+        sources = {p["sample_id"]: p["source"] for p in picks if p.get("source") is not None}
         run_url = self.tracker.url(round_.mlflow_run_id) if round_.mlflow_run_id else None
         rows = [
             TaskRow(
@@ -324,6 +422,8 @@ class Campaign:
             for p in picks
         ]
         result = self.source.push(rows, sources, model_version=round_.posterior_id)
+        if self.tracker.enabled:  # what the round asks people about, in its MLflow run
+            self.tracker.log_picks(round_.mlflow_run_id, self._sheet(round_.index, picks, {}))
         faults.checkpoint(f"push round {round_.index}")
         url = self.source.url()
         storage.write_json(storage.join(rdir, "push.json"), {**result, "url": url, "at": _now().isoformat()})
@@ -331,6 +431,11 @@ class Campaign:
         timings = {**round_.timings, "push": time.perf_counter() - started}
         round_ = replace(round_, state=RoundState.PUSHED, counts=counts, timings=timings)
         return write_state(self.directory, state.with_round(round_))
+
+    def _sheet(self, index: int, picks: list[dict[str, Any]], labels: dict[str, str]) -> bytes:
+        """The round's contact sheet: its picks, with the labels people gave them (`labels`: sample_id ->)."""
+        title = review.sheet_title(self.name, index, picks, labels)
+        return review.picks_sheet(picks, labels, title=title, score_name=self.cfg.selection.method.value)
 
     def collect(self, state: CampaignState, round_: Round, force: bool) -> tuple[CampaignState, str | None]:
         """Pull answers; returns the state and, while the round waits for more answers, what it waits for."""
@@ -370,19 +475,12 @@ class Campaign:
         """The labels round `index` trains on (its snapshot) as cached activations, and their digest."""
         table = storage.read_parquet(storage.join(round_dir(self.directory, index), "labels.parquet"))
         ids, names = table.column("sample_id").to_pylist(), table.column("label").to_pylist()
-        pool = self.pool()
-        at = {sid: i for i, sid in enumerate(pool.sample_ids)}
-        missing = [sid for sid in ids if sid not in at]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} labelled samples are not in the pool {self.cfg.pool!r}: {missing[:5]}"
-            )
-        rows = pool.take(torch.tensor([at[sid] for sid in ids], dtype=torch.long))
+        acts, offsets = self._labelled_rows(ids)
         index_of = {c: i for i, c in enumerate(self.cache.classes)}
         data = TrainData(
-            acts=rows.acts.double(),
+            acts=acts,
             labels=torch.tensor([index_of[n] for n in names], dtype=torch.long),
-            offsets=None if rows.offsets is None else rows.offsets.double(),
+            offsets=offsets,
             sample_ids=list(ids),
         )
         digest = labels_table.Resolution(
@@ -392,6 +490,26 @@ class Campaign:
             }
         ).digest()
         return data, digest
+
+    def _labelled_rows(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Activations [n, d] and offsets [n, D] (float64) of labelled pool rows: from the pool held here,
+        or read by id from the pool's files when rounds stream it."""
+        if not self.streamed:
+            pool = self.pool()
+            at = {sid: i for i, sid in enumerate(pool.sample_ids)}
+            missing = [sid for sid in ids if sid not in at]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} labelled samples are not in the pool {self.cfg.pool!r}: {missing[:5]}"
+                )
+            rows = pool.take(torch.tensor([at[sid] for sid in ids], dtype=torch.long))
+            return rows.acts.double(), None if rows.offsets is None else rows.offsets.double()
+        if not ids:
+            return torch.zeros(0, self.cache.image_weight.shape[1], dtype=torch.float64), None
+        table = rows_by_id(self.cfg.pool, ids, ["acts", "mean"])
+        acts, stored = vectors.tensor(table, "acts"), vectors.tensor(table, "mean")
+        offsets = recovered_offsets(stored, acts @ self.cache.image_weight.T.to(acts.dtype))
+        return acts, offsets
 
     def train(self, state: CampaignState, round_: Round) -> CampaignState:
         started = time.perf_counter()
@@ -509,9 +627,17 @@ class Campaign:
             metrics=metrics,
             timings=timings,
         )
-        self.tracker.log_round(round_.mlflow_run_id, round_, rdir, png)
+        labelled = storage.read_parquet(storage.join(rdir, "labels.parquet"), columns=["sample_id", "label"])
+        given = dict(
+            zip(labelled.column("sample_id").to_pylist(), labelled.column("label").to_pylist(), strict=True)
+        )
+        sheet = None
+        if self.tracker.enabled:
+            picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
+            sheet = self._sheet(round_.index, picks, given)
+        self.tracker.log_round(round_.mlflow_run_id, round_, rdir, png, sheet)
         state = write_state(self.directory, state.with_round(round_))
-        self.tracker.log_curve(state.mlflow_run_id, state)
+        self.tracker.log_curve(state.mlflow_run_id, state, Counter(given.values()))
         return state
 
 
@@ -680,6 +806,8 @@ def status(directory: str) -> dict[str, Any]:
     elif current is not None and current.state is RoundState.SELECTED:
         waiting = f"round {current.index}: picks chosen, tasks not pushed yet (the next step pushes them)"
     tracker = CampaignTracker(cfg, cfg.project or campaign_name(directory)) if cfg.tracking else None
+    latest = next((r for r in reversed(state.rounds) if r.metrics.get("classes")), None)
+    worst = review.worst_classes(latest.metrics if latest else state.baseline, state.baseline)
     return {
         "directory": directory,
         "label_source": cfg.label_source.value,
@@ -694,4 +822,7 @@ def status(directory: str) -> dict[str, Any]:
         "lease": lease.holder(directory),
         "mlflow": tracker.url() if tracker else None,
         "updated": state.updated,
+        # The classes with the lowest Bayes recall on the evaluation set after the latest evaluated round
+        # (None: before any round), with their recall at the start.
+        "worst_classes": {"round": latest.index if latest else None, "classes": worst},
     }

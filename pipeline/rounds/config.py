@@ -31,6 +31,23 @@ class Trainer(str, Enum):
     """The same objective and optimiser in this process."""
 
 
+class PoolEngine(str, Enum):
+    """How a round re-scores the pool and chooses from it."""
+
+    AUTO = "auto"
+    """`stream` for pools above 200,000 rows, `memory` below."""
+    MEMORY = "memory"
+    """The pool's activations held in this process (float64) and re-scored by matrix products: the fastest
+    for pools that fit in memory (about 6 KB a row at ViT-B/32 sizes)."""
+    STREAM = "stream"
+    """`curate`'s pool engine on Ray (or in this process with the local trainer): the candidate search and
+    the scores stream shard by shard under the round's posterior, so the driver never holds the pool; a
+    greedy batch conditions over the best-scored rows (20 x the budget, at least 1,000)."""
+
+
+STREAM_ROWS = 200_000  # `auto` streams pools above this many rows
+
+
 class CampaignConfig(TrackedConfig, SelectingConfig):
     """An annotation campaign (see the README's campaign reference)."""
 
@@ -65,6 +82,7 @@ class CampaignConfig(TrackedConfig, SelectingConfig):
     merge_weight: float = 1.0  # weight w of the labelled curvature in the posterior update (A + wA_lab)
     refit_prior_precision: bool = False  # re-fit λ by marginal likelihood after each update (else keep it)
     poll_s: float = 30.0  # `campaign run --wait`: seconds between checks for new answers
+    engine: PoolEngine = PoolEngine.AUTO  # how rounds re-score and choose from the pool
     address: str | None = None  # Ray cluster address (default: embedded local Ray, or $RAY_ADDRESS)
     num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
 

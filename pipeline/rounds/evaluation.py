@@ -3,7 +3,8 @@
 MAP is `softmax(s·cos(P a + offset, h_c) + b)` with the posterior's mean projection; Bayes is the probit
 predictive of the ProbCosine logits (MATH §5–6) with the posterior's variance. Both come from cached
 activations: accuracy, NLL, ECE, Brier (and the rest of `calibration_report`), overall and per value of
-the domain column when the evaluation set has one.
+the domain column when the evaluation set has one, and the accuracy within each class (its recall), which
+shows the classes the labels leave behind where the overall accuracy averages them away.
 """
 
 from __future__ import annotations
@@ -50,13 +51,21 @@ def label_indices(rows: Rows, column: str, classes: Sequence[str]) -> torch.Tens
 def evaluate(
     head: BayesHead, cache: ModelCache, rows: Rows, column: str, domain_column: str | None
 ) -> tuple[dict[str, Any], bytes]:
-    """(metrics, reliability diagram PNG): {"MAP": {...}, "Bayes": {...}, "domains": {d: {...}}, "n": N}."""
+    """(metrics, reliability diagram PNG): {"MAP": {...}, "Bayes": {...}, "domains": {d: {...}}, "n": N,
+    "classes": {class: {"n": images of it, "MAP": recall, "Bayes": recall}}} (classes the set has)."""
     labels = label_indices(rows, column, cache.classes)
     probs = predictives(head, cache, rows)
     out: dict[str, Any] = {"n": len(labels)}
     for name, p in probs.items():
         report = metrics.calibration_report(p, labels, N_BINS)
         out[name] = {k: float(report[k]) for k in (*REPORTED, "mean_confidence")}
+    recalls = {name: metrics.per_class_recall(p, labels) for name, p in probs.items()}
+    counts = next(iter(recalls.values()))[1]
+    out["classes"] = {
+        c: {"n": int(counts[i]), **{name: float(r[i]) for name, (r, _) in recalls.items()}}
+        for i, c in enumerate(cache.classes)
+        if counts[i] > 0
+    }
     if domain_column and domain_column in rows.columns:
         domains = rows.columns[domain_column]
         out["domains"] = {}

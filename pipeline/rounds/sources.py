@@ -60,6 +60,7 @@ class LabelStudioSource:
         self._client: Any = None
         self._project: Any = None
         self._from_env = False
+        self._view: int | None = None  # the Data Manager tab the last push made or found
 
     @property
     def client(self) -> Any:
@@ -91,9 +92,11 @@ class LabelStudioSource:
             ls = read_state(self.state_dir).label_studio
             root = ls.image_root if ls else None
         store = ImageStore(Path(root) if root else None, self.inline_max_bytes, self.image_store)
-        return push_tasks(
+        result = push_tasks(
             self.client, self.project, self.classes, rows, sources, store, model_version=model_version
         )
+        self._view = result.get("view")
+        return result
 
     def fetch(self, sample_ids: Mapping[str, int]) -> list[Annotation]:
         project = self.ensure_project()
@@ -117,8 +120,10 @@ class LabelStudioSource:
         return out
 
     def url(self) -> str | None:
+        """The project's Data Manager, opened on the tab of the last push when there was one."""
         project = self.ensure_project()
-        return f"{self.client.url}/projects/{project.id}/data"
+        tab = f"?tab={self._view}" if self._view is not None else ""
+        return f"{self.client.url}/projects/{project.id}/data{tab}"
 
     def check(self) -> None:
         self.ensure_project()

@@ -2,25 +2,32 @@
 
 Runs are found by name before they are created, so a step resumed after a crash logs to the same runs.
 A round's run is opened when its picks are chosen (its URL goes onto every task) and finished when the
-round is updated, with its parameters, picks table, label counts and agreement, step timings, evaluation
-metrics (MAP and Bayes, per domain), reliability diagram and posterior directory.
+round is updated, with its parameters, picks table and contact sheet (`picks.png`: logged at the push, and
+again with the answers once they are back), label counts and agreement, step timings, evaluation metrics
+(MAP and Bayes, per domain, per class), reliability diagram, per-class accuracy and posterior directory. The
+parent run holds the curves against labels, per class too, and the table of classes that have not moved.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.io import storage
-from pipeline.plots import curves_png, panels_png
+from pipeline.plots import curves_png, panels_png, shares_png
+from pipeline.rounds import review
 from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.state import CampaignState, Round
+
+_UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in a metric name (class names may have them)
 
 
 def _flat(prefix: str, values: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = prefix + _UNSAFE.sub("_", str(key))
         if isinstance(value, dict):
             out |= _flat(f"{name}.", value)
         elif isinstance(value, int | float) and value == value:
@@ -69,8 +76,24 @@ class CampaignTracker:
     def url(self, run_id: str | None = None) -> str | None:
         return None if self.tracker is None else self.tracker.ui_url(run_id)
 
-    def log_round(self, run_id: str | None, round_: Round, round_dir: str, reliability: bytes | None) -> None:
-        """Everything a finished round shows in MLflow; then the run is finished."""
+    def log_picks(self, run_id: str | None, sheet: bytes) -> None:
+        """The round's contact sheet (`review.picks_sheet`), replacing an earlier one."""
+        if self.tracker is None or run_id is None:
+            return
+        from connectors.tracking import Run
+
+        Run(self.tracker.client, run_id).log_bytes(sheet, "picks.png")
+
+    def log_round(
+        self,
+        run_id: str | None,
+        round_: Round,
+        round_dir: str,
+        reliability: bytes | None,
+        sheet: bytes | None = None,
+    ) -> None:
+        """Everything a finished round shows in MLflow (`sheet`: the picks with their answers); then the run
+        is finished."""
         if self.tracker is None or run_id is None:
             return
         from connectors.tracking import Run
@@ -88,14 +111,24 @@ class CampaignTracker:
         run.log_dict(round_.to_json(), "round.json")
         if reliability is not None:
             run.log_bytes(reliability, "reliability.png")
+        if sheet is not None:
+            run.log_bytes(sheet, "picks.png")
+        classes = round_.metrics.get("classes") or {}
+        if classes:
+            recall = {name: {c: m[name] for c, m in classes.items()} for name in ("MAP", "Bayes")}
+            title = f"{self.name}, round {round_.index}: accuracy per class ({round_.labels_used} labels)"
+            run.log_bytes(shares_png(recall, title=title, ylabel="recall"), "per_class.png")
         posterior = storage.join(round_dir, "posterior")
         for path in storage.list_files(posterior):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             run.log_bytes(storage.read_bytes(path), f"posterior/{name}")
         self.tracker.finish(run_id)
 
-    def log_curve(self, parent: str | None, state: CampaignState) -> None:
-        """The active-learning curve on the campaign's run: metrics against labels, a point per round."""
+    def log_curve(
+        self, parent: str | None, state: CampaignState, labels: Mapping[str, int] | None = None
+    ) -> None:
+        """The active-learning curve on the campaign's run: metrics against labels, a point per round; the
+        same per class, and the classes that have not moved (`labels`: class -> labels collected so far)."""
         if self.tracker is None or parent is None:
             return
         from connectors.tracking import Run
@@ -127,3 +160,10 @@ class CampaignTracker:
         for i, (n, m) in enumerate(points):
             run.log_metrics({**_flat("eval.", m), "labels": float(n)}, step=i)
         run.log_text(json.dumps([{"labels": n, **m} for n, m in points], indent=2), "curve.json")
+        metrics = [m for _, m in points]
+        if any(m.get("classes") for m in metrics):
+            panels = {f"{name} recall": review.series(metrics, name) for name in ("MAP", "Bayes")}
+            title = f"{self.name}: accuracy per class on the evaluation set"
+            run.log_bytes(panels_png(x, panels, xlabel="labels", title=title), "per_class.png")
+            trends = review.class_trends(metrics, labels or {})
+            run.log_text(review.not_moved_table(trends), "classes_not_moved.md")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.bayes.batches import BatchMode, batch_keys
-from pipeline.bayes.head import Activations
+from pipeline.bayes.head import Activations, BayesHead
 from pipeline.bayes.metrics import entropy
 from pipeline.bayes.neighbours import Metric, embed_for_search
 from pipeline.bayes.scoring import RowScorer
@@ -49,6 +49,21 @@ def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows >> 32, rows & 0xFFFFFFFF
 
 
+@dataclass(frozen=True)
+class Rescore:
+    """Stored rows re-computed under another posterior: `head` (computing in float32), and the projection
+    [D, d] the stored means were made under, against which each row's offset is recovered."""
+
+    head: BayesHead
+    reference: torch.Tensor  # [D, d]
+
+    def embeddings(self, acts: torch.Tensor, stored_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance [n, D] of rows (acts [n, d], stored means [n, D]) under `head`."""
+        acts = acts.to(self.reference.dtype)
+        offset = recovered_offsets(stored_mean, acts @ self.reference.T)
+        return self.head.image_embeddings(acts, offset)
+
+
 def recovered_offsets(
     stored_mean: torch.Tensor, projected: torch.Tensor, atol: float = 1e-5
 ) -> torch.Tensor | None:
@@ -62,7 +77,8 @@ def recovered_offsets(
 
 class EmbeddingReadStage(Stage):
     """Reads whole shards of an embeddings directory: sample ids, the vector columns asked for, the scalar
-    columns, and each row's place in the pool; `keep` narrows a shard to some of its rows (candidates)."""
+    columns, and each row's place in the pool; `keep` narrows a shard to some of its rows (candidates) and
+    `exclude` leaves out rows by sample id (an earlier round's picks)."""
 
     name: ClassVar[str] = "read-embeddings"
     input_columns: ClassVar[tuple[str, ...]] = (SHARD_COLUMN,)
@@ -72,16 +88,15 @@ class EmbeddingReadStage(Stage):
         vector_columns: Sequence[str],
         scalar_columns: Sequence[str],
         keep: Mapping[str, Sequence[int]] | None = None,
+        *,
+        exclude: frozenset[str] = frozenset(),
         num_cpus: float = 0.25,
     ) -> None:
         self.vector_columns = tuple(vector_columns)
+        self.exclude = exclude
         self.scalar_columns = tuple(scalar_columns)
         self.keep = None if keep is None else {k: np.asarray(v, dtype=np.int64) for k, v in keep.items()}
         self.resources = Resources(num_cpus=num_cpus, batch_size=1)
-
-    def rows_of(self, shard: Shard) -> int:
-        """Rows this stage yields for `shard` (all, or the kept ones)."""
-        return shard.rows if self.keep is None else len(self.keep.get(shard.shard_id, ()))
 
     def process(self, batch: Batch) -> Batch:
         parts = []
@@ -92,6 +107,11 @@ class EmbeddingReadStage(Stage):
             if self.keep is not None:
                 local = self.keep.get(shard.shard_id, np.zeros(0, dtype=np.int64))
                 table = table.take(pa.array(local))
+            if self.exclude:
+                ids = table.column("sample_id").to_pylist()
+                kept = np.asarray([i for i, sid in enumerate(ids) if sid not in self.exclude], dtype=np.int64)
+                if len(kept) < len(ids):
+                    local, table = local[kept], table.take(pa.array(kept))
             cols: Batch = {"sample_id": object_array(table.column("sample_id").to_pylist())}
             for name in self.vector_columns:
                 cols[name] = vectors.matrix(table, name, np.float32)
@@ -133,7 +153,9 @@ class Sampling:
 
 class ScoreStage(Stage):
     """Scores rows under one posterior (`RowScorer`, fetched once per worker from `scorer`), with each row's
-    batch key and the probit prediction shown next to a pick. Stateful: the scorer is set up once a worker."""
+    batch key and the probit prediction shown next to a pick. Each row's offset is recovered against
+    `reference`, the projection its stored mean was made under (None: the scorer's own). Stateful: the
+    scorer is set up once a worker."""
 
     name: ClassVar[str] = "score"
     input_columns: ClassVar[tuple[str, ...]] = ("sample_id", "acts", "mean")
@@ -144,6 +166,7 @@ class ScoreStage(Stage):
         classes: Sequence[str],
         sampling: Sampling,
         *,
+        reference: torch.Tensor | None = None,
         device: str = "cpu",
         threads: int = 1,
         num_cpus: float = 1.0,
@@ -153,6 +176,7 @@ class ScoreStage(Stage):
         self.shared = scorer
         self.classes = list(classes)
         self.sampling = sampling
+        self.reference = reference  # [D, d] projection of the stored means (None: the scorer head's)
         self.device = device
         self.threads = threads
         self.resources = Resources(num_cpus=num_cpus, num_gpus=num_gpus, stateful=True, batch_size=batch_size)
@@ -171,7 +195,10 @@ class ScoreStage(Stage):
     def process(self, batch: Batch) -> Batch:
         assert self.scorer is not None
         acts = torch.from_numpy(np.ascontiguousarray(batch["acts"]))
-        projected = self.scorer.head.image.mean(acts.to(self.scorer.dtype))
+        if self.reference is None:
+            projected = self.scorer.head.image.mean(acts.to(self.scorer.dtype))
+        else:
+            projected = acts.to(self.scorer.dtype) @ self.reference.T.to(self.scorer.dtype)
         stored = torch.from_numpy(np.ascontiguousarray(batch["mean"]))
         out = self.scorer(Activations(acts, recovered_offsets(stored, projected)))
         ids = [str(s) for s in batch["sample_id"]]
@@ -193,22 +220,40 @@ class ScoreStage(Stage):
         return result
 
 
-def knn_partial(shard: Shard, queries: Shared, k: int, metric: Metric | str) -> tuple[np.ndarray, np.ndarray]:
+def knn_partial(
+    shard: Shard,
+    queries: Shared,
+    k: int,
+    metric: Metric | str,
+    rescore: Shared | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> tuple[np.ndarray, np.ndarray]:
     """The `k` nearest rows of `shard` for every query (exact): (similarities [Nt, k'], global rows [Nt, k']).
 
     `queries` holds the targets' search vectors (`embed_for_search`); similarities are inner products
     (cosine) or negated squared distances (wasserstein), so larger is always nearer and partials merge by
-    `merge_knn`. k' = min(k, rows of the shard).
+    `merge_knn`. k' = min(k, rows of the shard). With `rescore` (a `Rescore`) the rows' Gaussians are
+    re-computed under its posterior; rows in `exclude` (sample ids) get similarity -inf.
     """
     metric = Metric(metric)
-    table = read_embedding_shard(shard, ("mean", "var"))
+    columns = ("mean", "acts") if rescore is not None else ("mean", "var")
+    table = read_embedding_shard(shard, (*columns, *(("sample_id",) if exclude else ())))
     mean = torch.tensor(vectors.matrix(table, "mean", np.float32))
-    var = torch.tensor(vectors.matrix(table, "var", np.float32))
+    if rescore is None:
+        var = torch.tensor(vectors.matrix(table, "var", np.float32))
+    else:
+        acts = torch.tensor(vectors.matrix(table, "acts", np.float32))
+        mean, var = rescore.get().embeddings(acts, mean)
+        mean, var = mean.float(), var.float()
     pool = embed_for_search(mean, var.clamp_min(0), metric)  # [n, D']
     q = torch.as_tensor(queries.get())  # [Nt, D']
     sims = q @ pool.T  # [Nt, n]
     if metric is Metric.WASSERSTEIN:
         sims = 2 * sims - (q * q).sum(1, keepdim=True) - (pool * pool).sum(1)[None, :]  # −‖q − x‖²
+    if exclude:
+        ids = table.column("sample_id").to_pylist()
+        out = [i for i, sid in enumerate(ids) if sid in exclude]
+        sims[:, out] = float("-inf")
     kk = min(k, pool.shape[0])
     top = sims.topk(kk, dim=1)
     rows = global_rows(file_index(shard), shard.start + top.indices.numpy())

@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 
-from pipeline.bayes.metrics import accuracy, auroc, brier, calibration_report, ece, nll, reliability
+from pipeline.bayes.metrics import (
+    accuracy,
+    auroc,
+    brier,
+    calibration_report,
+    ece,
+    nll,
+    per_class_recall,
+    reliability,
+)
 
 # Four samples, three classes.
 #   row 0: p = (0.7, 0.2, 0.1), y = 0 -> predicted 0, right,  confidence 0.7
@@ -28,6 +37,18 @@ def close(a: float, b: float) -> None:
 
 def test_accuracy_by_hand() -> None:
     close(accuracy(PROBS, LABELS), 3 / 4)
+
+
+def test_per_class_recall_by_hand() -> None:
+    # class 0: row 0 right (1/1); class 1: row 3 right (1/1); class 2: row 1 wrong, row 2 right (1/2)
+    recall, counts = per_class_recall(PROBS, LABELS)
+    torch.testing.assert_close(recall, torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64), **TOL)
+    assert counts.tolist() == [1, 1, 2]
+    close(float((recall * counts).sum() / counts.sum()), accuracy(PROBS, LABELS))
+    # A fourth class nobody belongs to: no recall (NaN), not a perfect or a zero one.
+    four = torch.cat([PROBS, torch.zeros(4, 1, dtype=torch.float64)], dim=1)
+    recall, counts = per_class_recall(four, LABELS)
+    assert counts.tolist() == [1, 1, 2, 0] and torch.isnan(recall[3]) and not torch.isnan(recall[:3]).any()
 
 
 def test_nll_by_hand() -> None:

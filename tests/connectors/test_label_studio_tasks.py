@@ -61,6 +61,12 @@ def test_task_fields_are_numbers_rounded_for_people() -> None:
     assert isinstance(data["round"], int) and isinstance(data["rank"], int)
     assert data["mlflow_run"].startswith("http://") and data["predicted"] == "dog"
     assert task["predictions"][0]["model_version"] == "posterior-abc123"
+    # The order annotators read them in, which is the Data Manager's column order: image and the model's
+    # answer first, the bookkeeping last.
+    assert list(data) == [
+        "image", "predicted", "confidence", "epig", "entropy", "hits", "rank", "round", "sample_id",
+        "mlflow_run",
+    ]  # fmt: skip
     assert TaskInput("s2", PIXEL, round=1, confidence=0.123456).to_task()["data"]["confidence"] == 0.1235
     # The same fields through the mappings (as callers that predate the dedicated fields send them).
     mapped = TaskInput(
@@ -121,6 +127,68 @@ def test_data_manager_sorts_tasks_by_a_score_numerically(label_studio_client: La
         project, "most informative", order_by="epig", descending=False
     )
     assert ascending == view and label_studio_client.sample_ids(project, view=view) == numeric[::-1]
+
+
+SHOWN = ("image", "predicted", "confidence", "informativeness", "epig", "rank", "round")
+
+
+def _view(client: LabelStudioClient, view: int) -> dict:
+    return client._request("GET", f"api/dm/views/{view}/")
+
+
+@pytest.mark.services
+def test_the_tab_shows_its_columns_first_and_leaves_other_tabs_and_peoples_choices_alone(
+    label_studio_client: LabelStudioClient,
+) -> None:
+    client = label_studio_client
+    project = client.ensure_project(_name("columns"), CLASSES)
+    tasks = [
+        TaskInput(
+            f"s{i}",
+            PIXEL,
+            round=0,
+            prediction=Prediction("dog", 0.5 + i / 10),
+            uncertainty={"informativeness": 100.0 - 20 * i, "epig": 0.1 - 0.02 * i, "entropy": 1.0},
+            rank=i + 1,
+            mlflow_run="http://127.0.0.1:5000/#/experiments/1/runs/abc",
+        )
+        for i in range(3)
+    ]
+    client.import_tasks(project, tasks)
+    # A tab of someone's own, with their column choices, made before ours.
+    theirs = {"title": "mine", "hiddenColumns": {"explore": ["tasks:data.image"], "labeling": []}}
+    own = client._request("POST", "api/dm/views/", json={"project": project.id, "data": theirs})["id"]
+    before = _view(client, own)
+
+    def ensure() -> int:
+        return client.ensure_view(
+            project, "most informative first (epig)", order_by="informativeness", columns=SHOWN
+        )
+
+    view = ensure()
+    hidden = _view(client, view)["data"]["hiddenColumns"]
+    listed = client._request("GET", "api/dm/columns/", params={"project": project.id})["columns"]
+    every = {f"tasks:{'data.' if c.get('parent') == 'data' else ''}{c['id']}" for c in listed}
+    every -= {"tasks:data"}  # the data group itself, shown when any of its fields is
+    assert every - set(hidden["explore"]) == {f"tasks:data.{name}" for name in SHOWN}
+    assert hidden["labeling"] == hidden["explore"]
+    bookkeeping = {"tasks:id", "tasks:completed_at", "tasks:total_annotations", "tasks:annotators"}
+    assert bookkeeping | {"tasks:data.sample_id", "tasks:data.mlflow_run"} <= set(hidden["explore"])
+    # Hidden, not removed: every column stays in the menu. And the data fields come in the order shown.
+    fields = [c["id"] for c in listed if c.get("parent") == "data"]
+    assert [name for name in fields if name in SHOWN] == list(SHOWN)
+
+    # Someone shows the entropy in our tab (the UI saves the whole tab); re-running keeps that choice, and
+    # their own tab is byte for byte as they left it.
+    data = _view(client, view)["data"]
+    shown_too = [c for c in data["hiddenColumns"]["explore"] if c != "tasks:data.entropy"]
+    data["hiddenColumns"] = {"explore": shown_too, "labeling": shown_too}
+    client._request("PATCH", f"api/dm/views/{view}/", json={"project": project.id, "data": data})
+    assert ensure() == view
+    assert _view(client, view)["data"]["hiddenColumns"]["explore"] == shown_too
+    assert _view(client, own) == before
+    assert client.find_view(project, "most informative first (epig)") == view
+    assert client.find_view(project, "no such tab") is None
 
 
 # ------------------------------------------------------------------------------------------- images

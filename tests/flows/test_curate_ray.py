@@ -54,6 +54,7 @@ def test_ray_equals_local_and_survives_a_killed_scoring_actor(
     assert result.get("rc") == 0
     shards = len(list((local / "scores").glob("part-*.parquet")))
     assert killed is not None and killed[1] < shards, f"the actor must be killed mid-run ({shards} shards)"
+
     def scored_ids(folder: Path) -> list[str]:
         parts = sorted((folder / "scores").glob("part-*.parquet"))
         return pa.concat_tables(pq.read_table(p) for p in parts)["sample_id"].to_pylist()

@@ -69,6 +69,20 @@ def test_a_round_through_label_studio_and_mlflow(
         assert data["image"].startswith("/data/local-files/?d=")
         assert data["mlflow_run"].endswith(f"/runs/{run_id}")
         assert [p.model_version for p in task.predictions] == [start_id]
+        assert 0 <= data["informativeness"] <= 100  # the pick's score in percent of the round's best
+    shares = [client.sdk.tasks.get(id=ids[sid]).data["informativeness"] for sid in picks]
+    assert max(shares) == 100
+    # The tab annotators open: most informative first; its URL is the one the campaign records.
+    push = json.loads((directory / "rounds/000/push.json").read_text())
+    tab = client.find_view(project, "most informative first (epig)")
+    assert tab is not None and push["url"].endswith(f"/projects/{project.id}/data?tab={tab}")
+    by_tab = [
+        client.sdk.tasks.get(id=ids[sid]).data["informativeness"]
+        for sid in client.sample_ids(project, view=tab)
+    ]
+    assert by_tab == sorted(shares, reverse=True)
+    # The round's run shows what it asked about from the push on, before anyone answered.
+    assert "picks.png" in {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)}
     token = (Path(services_state_dir) / "labelstudio" / "token").read_text().strip()
     url = client.url + client.sdk.tasks.get(id=ids[picks[0]]).data["image"]
     image = requests.get(url, headers={"Authorization": f"Token {token}"}, timeout=30)
@@ -130,7 +144,14 @@ def test_a_round_through_label_studio_and_mlflow(
     ):
         assert key in metrics, key
     artifacts = {a.path for a in ml.list_artifacts(run_id)}
-    assert {"reliability.png", "picks.json", "round.json", "posterior"} <= artifacts
+    assert {
+        "reliability.png",
+        "picks.json",
+        "round.json",
+        "posterior",
+        "picks.png",
+        "per_class.png",
+    } <= artifacts
     assert {a.path for a in ml.list_artifacts(run_id, "posterior")} >= {
         "posterior/posterior.json",
         "posterior/image_projection.safetensors",
@@ -138,6 +159,10 @@ def test_a_round_through_label_studio_and_mlflow(
     assert round_run.info.status == "FINISHED"
     parent = {a.path for a in ml.list_artifacts(state.mlflow_run_id, "curves")}
     assert {"curves/accuracy.png", "curves/nll.png", "curves/ece.png"} <= parent
+    assert {"per_class.png", "classes_not_moved.md"} <= {
+        a.path for a in ml.list_artifacts(state.mlflow_run_id)
+    }
+    assert any(key.startswith("eval.classes.") for key in metrics)
 
 
 def _pool_rows(world: World) -> list[dict]:
