@@ -308,17 +308,20 @@ def subcommands(
     return int(resolve_target(table[args[0]][0])(args[1:]))
 
 
-def config_reference(cls: type[Config]) -> str:
-    """A Markdown table of every field of `cls` (sections flattened as `section.field`): the README's
-    configuration reference, kept true by a test that compares the two."""
+def config_reference(cls: type[Config], positional: Sequence[str] = ()) -> str:
+    """A Markdown table of every field of `cls` (sections flattened as `section.field`; fields named in
+    `positional` are arguments): the docs' CLI reference (`jobs._reference`), kept true by a test."""
     rows = ["| field | flag | default | what |", "|---|---|---|---|"]
-    for flag, help_text in config_flags(cls):
+    for flag, help_text in config_flags(cls, positional):
         text, _, default = help_text.rpartition(" [")
         if not text:
             text, default = help_text, ""
         default = default.rstrip("]").removeprefix("default: ") if default else ""
+        if flag.positional:
+            text, default = help_text, _default_text(cls.model_fields[flag.param]).removeprefix("default: ")
         default = f"`{default}`" if default and default != "required" else (default or "—")
         if flag.kind == "enum":
             text += " (" + ", ".join(f"`{m.value}`" for m in flag.annotation) + ")"
-        rows.append(f"| `{'.'.join(flag.path)}` | `{flag.option}` | {default} | {text.replace('|', '/')} |")
+        name = f"{flag.param.upper()} (argument)" if flag.positional else flag.option
+        rows.append(f"| `{'.'.join(flag.path)}` | `{name}` | {default} | {text.replace('|', '/')} |")
     return "\n".join(rows)

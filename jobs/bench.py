@@ -1,4 +1,4 @@
-"""`bayescurate bench NAME`: the benchmarks whose figures the README reports."""
+"""`bayescurate bench NAME`: the benchmarks whose figures docs/benchmarks.md reports."""
 
 from __future__ import annotations
 

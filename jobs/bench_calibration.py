@@ -46,13 +46,13 @@ class CalibrationConfig(Config):
     world_seed: int = 0  # synthetic world of the fitting and test samples
     fit_start: int = 1_000_000  # first world index of the fitting pairs (away from pretraining indices)
     n_fit: int = 8192  # image–caption pairs for the Hessian
-    block_size: int = 512  # contrastive block size C (MATH §1)
+    block_size: int = 512  # contrastive block size C (docs/method.md §1)
     test_start: int = 2_000_000  # first world index of the test images (same scenes in every domain)
     n_test: int = 1000  # test images per domain and severity
     tasks: tuple[str, ...] = ("shape", "colour")  # zero-shot tasks (pipeline.data.synthetic.TASKS)
     domains: tuple[str, ...] = tuple(d.value for d in SHIFTED_DOMAINS)  # shifted domains
     severities: tuple[int, ...] = (1, 3, 5)  # severities of each shifted domain
-    dampings: tuple[Damping, ...] = (Damping.PAPER, Damping.EXACT)  # posterior forms (MATH §3)
+    dampings: tuple[Damping, ...] = (Damping.PAPER, Damping.EXACT)  # posterior forms (docs/method.md §3)
     hessian_scales: tuple[float, ...] = (0.1, 1.0, 10.0)  # tempering τ sweep; 1.0 is the reference
     mc_samples: int = 64  # K joint posterior draws of the Monte Carlo predictive
     n_bins: int = 15  # equal-width confidence bins of ECE and the reliability diagram

@@ -69,7 +69,7 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
 
 
 def per_sample_ggn(sources: Any, targets: Any, scale: float, bias: float, softmax: bool) -> Any:
-    """The reference: `Σ_b J_b M_b J_b` with every `J_b`, `M_b` materialised as `[B, D, D]` (MATH §1)."""
+    """The reference: `Σ_b J_b M_b J_b` with every `J_b`, `M_b` materialised as `[B, D, D]` (method §1)."""
     import torch
 
     y = targets / targets.norm(dim=1, keepdim=True)  # [C, D]

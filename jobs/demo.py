@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     status = campaign.status(directory)
     return {
         "mlflow": status["mlflow"] or tracking_uri,
-        "label_studio": _project_url(cfg) if cfg.services else None,
+        "label_studio": _project_url(cfg, status["method"]) if cfg.services else None,
         "login_file": login,
         "status": status,
         "out": str(out),
@@ -194,12 +194,17 @@ def _bot(cfg: DemoConfig, paths: dict[str, Path]) -> Callable[[], None]:
     return annotate
 
 
-def _project_url(cfg: DemoConfig) -> str | None:
+def _project_url(cfg: DemoConfig, method: str) -> str | None:
+    """The project's Data Manager, on the tab the rounds made (image, prediction, informativeness first)."""
     from connectors.label_studio import LabelStudioClient
+    from pipeline.annotation import tab_title
 
     client = LabelStudioClient.from_services(cfg.state_dir)
     project = client.find_project(cfg.project)
-    return None if project is None else f"{client.url}/projects/{project.id}/data"
+    if project is None:
+        return None
+    view = client.find_view(project, tab_title(method))
+    return f"{client.url}/projects/{project.id}/data" + (f"?tab={view}" if view is not None else "")
 
 
 def rounds_table(status: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@
   below, and the pod templates inside them strictly as core/v1 PodTemplateSpecs.
 - Every `bayescurate ...` they run names an existing (sub)command, passes only its flags and exactly its
   positional arguments (`campaign step DIR`); every `ray job submit` flag is one of Ray's CLI.
-- No credential is written into a manifest; every Secret they read is one the README tells you to create,
+- No credential is written into a manifest; every Secret they read is one the docs tell you to create,
   and every volume claim they mount is defined.
 """
 
@@ -393,10 +393,10 @@ def _find(node: Any, key: str) -> Iterator[Any]:
             yield from _find(value, key)
 
 
-def _readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def _docs_section(page: str, title: str) -> str:
+    text = (REPO / "docs" / page).read_text()
     start = text.find(f" {title}\n")
-    assert start >= 0, f"README has no section {title!r}"
+    assert start >= 0, f"docs/{page} has no section {title!r}"
     end = re.search(r"^#{2,3} ", text[start + len(title) + 2 :], re.MULTILINE)
     return text[start : start + len(title) + 2 + (end.start() if end else len(text))]
 
@@ -413,8 +413,8 @@ def test_no_credential_is_written_into_a_manifest() -> None:
                     )
 
 
-def test_every_secret_read_is_one_the_readme_creates_and_every_claim_is_defined() -> None:
-    section = _readme_section("Run it on a schedule")
+def test_every_secret_read_is_one_the_docs_create_and_every_claim_is_defined() -> None:
+    section = _docs_section("cluster.md", "Run it on a schedule")
     read = {
         ref["name"]
         for _, doc in DOCUMENTS
@@ -423,7 +423,9 @@ def test_every_secret_read_is_one_the_readme_creates_and_every_claim_is_defined(
     }
     assert {"bayescurate-label-studio", "bayescurate-mlflow"} <= read
     for secret in read:
-        assert f"secret generic {secret}" in section, f"README does not say how to create Secret {secret!r}"
+        assert f"secret generic {secret}" in section, (
+            f"docs/cluster.md does not say how to create Secret {secret!r}"
+        )
     claims = {c["claimName"] for _, doc in DOCUMENTS for c in _find(doc, "persistentVolumeClaim")}
     defined = {d["metadata"]["name"] for _, d in DOCUMENTS if d["kind"] == "PersistentVolumeClaim"}
     assert claims and claims <= defined, claims - defined

@@ -78,7 +78,11 @@ def test_demo_campaign_reaches_label_studio_and_mlflow_and_reruns_idempotently(
     assert {"map_ece", "bayes_ece", "map_nll", "bayes_nll"} <= set(runs["zeroshot"].data.metrics)
     parent = runs["campaign: bayescurate-demo"].info.run_id
     assert runs["round-001"].data.tags["mlflow.parentRunId"] == parent
-    assert "active_learning.png" in {a.path for a in client.list_artifacts(parent)}
+    assert {"active_learning.png", "per_class.png"} <= {a.path for a in client.list_artifacts(parent)}
+    assert "picks.png" in {a.path for a in client.list_artifacts(runs["round-001"].info.run_id)}
+    # The printed Label Studio URL opens the tab the rounds made.
+    tab = label_studio_client.find_view(project, "most informative first (epig)")
+    assert f"/projects/{project.id}/data?tab={tab}" in printed
 
     # A rerun skips completed work and creates no duplicate task.
     before = (out / "campaign/state.json").read_text()

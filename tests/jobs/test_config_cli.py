@@ -227,12 +227,27 @@ def test_sections_nest_in_yaml_and_flatten_on_the_command_line(tmp_path: Path) -
     assert load_config(Outer, config, labels={"column": None}).labels.column == "shape"
 
 
-def test_the_readme_campaign_reference_lists_every_field_as_the_config_has_it() -> None:
+def test_the_docs_cli_reference_is_generated_from_every_config_model() -> None:
+    """docs/cli.md's tables are what `python -m jobs._reference` writes now: one per command."""
+    from jobs import _reference
+    from jobs.cli import config_commands
+
+    page = _reference.PAGE.read_text()
+    assert _reference.render(page) == page, "docs/cli.md is stale: run `python -m jobs._reference`"
+    for name in config_commands():
+        assert f"\n## `bayescurate {name}`\n" in page, name
+
+
+def test_the_docs_campaign_reference_lists_every_field_as_the_config_has_it() -> None:
     from jobs._app import config_reference
+    from jobs._reference import PAGE
     from pipeline.rounds.config import CampaignConfig
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert config_reference(CampaignConfig) in readme, "regenerate the table with jobs._app.config_reference"
+    page = PAGE.read_text()
+    section = page[page.index("## `bayescurate campaign init`") :]
+    assert config_reference(CampaignConfig) in section, (
+        "docs/cli.md is stale: run `python -m jobs._reference`"
+    )
 
 
 def test_the_selection_section_keeps_its_flat_flag_and_yaml_names(tmp_path: Path) -> None:
