@@ -20,7 +20,7 @@ from pipeline.bayes.contrastive import contrastive_factors
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.bayes.curvature import Likelihood, ggn, infonce_ggn, siglip_ggn
 from pipeline.bayes.head import BayesHead
-from pipeline.bayes.kron import Damping, KronDraws, KronFactors, KronPosterior
+from pipeline.bayes.kron import Damping, KronDraws, KronFactors, KronPosterior, KronPower
 from pipeline.bayes.lowrank import eigh_low_rank_update, eigh_rank_one_update
 from pipeline.bayes.metrics import (
     Reliability,
@@ -42,6 +42,7 @@ __all__ = [
     "KronDraws",
     "KronFactors",
     "KronPosterior",
+    "KronPower",
     "Likelihood",
     "Method",
     "Metric",

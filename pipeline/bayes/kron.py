@@ -17,9 +17,9 @@ needs to know.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +27,8 @@ from torch import Tensor
 from pipeline.bayes.lowrank import eigh_low_rank_update
 
 FORMAT = "bayescurate.kron_factors/1"
+
+_Power = TypeVar("_Power", bound="KronPower")
 
 
 def _code_version() -> str:
@@ -219,6 +221,10 @@ class _Eigen:
         beta, V = torch.linalg.eigh(_sym(factors.B.to(torch.float64)))
         return cls(U, alpha.clamp_min(0), V, beta.clamp_min(0))
 
+    def to(self, device: torch.device | str | None) -> _Eigen:
+        """The same decomposition on `device` (a copy: the same numbers, still float64)."""
+        return _Eigen(*(t.to(device=device) for t in (self.U, self.alpha, self.V, self.beta)))
+
 
 # Largest rank of an update that `KronPosterior.update_low_rank` applies by successive rank-one
 # eigen-updates; beyond it one eigh of the merged factor is cheaper. Measured on 2 CPU cores (float64, MKL):
@@ -236,6 +242,46 @@ def _updated_eigen(
     else:
         values, vectors = torch.linalg.eigh(_sym(merged.to(torch.float64)))
     return values.clamp_min(0), vectors
+
+
+@dataclass(frozen=True)
+class KronPower:
+    """A power `Λ^p` of a Kronecker-eigenbasis precision as an operator on [D, d] matrices (MATH §3).
+
+    `Λ = (U ⊗ V) diag(vec S₁) (U ⊗ V)ᵀ` with `S₁[j, i]` the eigenvalue of `Λ` for `U[:, i] ⊗ V[:, j]`; then
+    `Λ^p vec(Z) = vec(V (S ⊙ (Vᵀ Z U)) Uᵀ)` with `S = S₁^p`. From `KronPosterior.precision_power`: exact
+    `S[j, i] = (τα_iβ_j/N + λ)^p`; paper `S[j, i] = β'_j^p α'_i^p` (`Λ^p = A'^p ⊗ B'^p`). As a matrix function
+    it does not depend on the signs or order of the eigenvectors; it is symmetric, its own adjoint.
+    `to_matrix` is the dense twin.
+
+    U: [d, d]; V: [D, D]; S: [D, d].
+    """
+
+    U: Tensor
+    V: Tensor
+    S: Tensor
+
+    # what `__call__` names in its shape error (a subclass names its own input)
+    noun: ClassVar[str] = "matrix"
+
+    def to(
+        self: _Power, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> _Power:
+        """The same operator cast to another dtype and/or device."""
+        U, V, S = (t.to(device=device, dtype=dtype) for t in (self.U, self.V, self.S))
+        return replace(self, U=U, V=V, S=S)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """`Λ^p` applied to a matrix: z [..., D, d] -> [..., D, d], differentiable in z."""
+        if tuple(z.shape[-2:]) != tuple(self.S.shape):
+            D, d = self.S.shape
+            raise ValueError(f"{self.noun} has shape {list(z.shape)}, expected [..., {D}, {d}]")
+        return self.V @ (self.S * (self.V.T @ z @ self.U)) @ self.U.T
+
+    def to_matrix(self) -> Tensor:
+        """The dense `Λ^p` [D·d, D·d] (vec stacks columns): `(U ⊗ V) diag(vec S) (U ⊗ V)ᵀ`."""
+        basis = torch.kron(self.U, self.V)  # column i·D + j is U[:, i] ⊗ V[:, j]
+        return (basis * self.S.T.reshape(-1)) @ basis.T
 
 
 @dataclass(frozen=True)
@@ -359,6 +405,22 @@ class KronPosterior:
             self.factors, self.weight, prior_precision, self.hessian_scale, self.damping, _eigen=self._eig
         )
 
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KronPosterior:
+        """The same posterior with its factors and weight cast to `dtype`, everything moved to `device`.
+
+        The eigendecompositions move with it (copied, still float64) instead of being recomputed, so the
+        moved posterior has the same eigenbases as this one, signs included: a Ray Train worker that moves
+        the driver's posterior to its GPU works in the driver's coordinates.
+        """
+        return KronPosterior(
+            self.factors.to(dtype, device),
+            self.weight.to(dtype=dtype, device=device),
+            self.prior_precision,
+            self.hessian_scale,
+            self.damping,
+            _eigen=self._eig.to(device),
+        )
+
     def computing_in(self, dtype: torch.dtype, device: torch.device | str | None = None) -> KronPosterior:
         """The same posterior doing its per-row products (means, variances, draws) in `dtype` (on `device`).
 
@@ -463,6 +525,20 @@ class KronPosterior:
         a_root = (e.U * self._alpha_d.rsqrt()) @ e.U.T  # A'^{-1/2}   [d, d]
         b_root, a_root = (_sym(x).to(device=device, dtype=dtype) for x in (b_root, a_root))
         return KronDraws(self.weight, b_root @ eps, a_root)
+
+    def precision_power(self, exponent: float) -> KronPower:
+        """`Λ^p` for `p = exponent` from the one cached eigendecomposition, in float64 on its device.
+
+        exact: `S[j, i] = (τα_iβ_j/N + λ)^p`; paper: `S[j, i] = β'_j^p α'_i^p`, i.e. `A'^p ⊗ B'^p` with
+        `α' = √(τ/N) α + √λ`, `β' = √(τ/N) β + √λ` (MATH §3). `p = -1/2` is the symmetric root of the
+        covariance (`online.Whitening`), `p = -1` the covariance. No eigh: `O(D·d)`.
+        """
+        e, p = self._eig, float(exponent)
+        if self.damping is Damping.EXACT:
+            S = self._lam_eig.T.pow(p)  # [D, d]
+        else:
+            S = self._beta_d.pow(p)[:, None] * self._alpha_d.pow(p)[None, :]  # [D, d]
+        return KronPower(e.U, e.V, S)
 
     # -- evidence -------------------------------------------------------------------------------------
     def _log_det(self, lam: float) -> float:

@@ -26,15 +26,15 @@ pretrained weights.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.bayes.curvature import Likelihood, ggn
-from pipeline.bayes.kron import Damping, KronFactors, KronPosterior
+from pipeline.bayes.kron import KronFactors, KronPosterior, KronPower
 
 
 def check_labelled(
@@ -158,49 +158,26 @@ def refit_loss(
 
 
 @dataclass(frozen=True)
-class Whitening:
+class Whitening(KronPower):
     """The symmetric root of the prior covariance, `vec(Δ) = Λ^{-1/2} vec(Z)`, in matrix form (MATH §3).
 
-    With `A = U diag(α) Uᵀ`, `B = V diag(β) Vᵀ`, both dampings share one form, `Δ = V (S ⊙ (Vᵀ Z U)) Uᵀ`:
-    exact `S[j, i] = (τ α_i β_j / N + λ)^{-1/2}`; paper `S[j, i] = β'_j^{-1/2} α'_i^{-1/2}` with
-    `α' = √(τ/N) α + √λ`, `β' = √(τ/N) β + √λ` (i.e. `Δ = B'^{-1/2} Z A'^{-1/2}`). Then
-    `vec(Δ)ᵀ Λ vec(Δ) = ‖Z‖²_F`, and the operator is symmetric (its own adjoint), so it also maps a gradient
-    w.r.t. `Δ` to the gradient w.r.t. `Z`. As a matrix function it does not depend on the signs or order
-    of the eigenvectors `eigh` returns.
+    `KronPosterior.precision_power(-1/2)`: with `A = U diag(α) Uᵀ`, `B = V diag(β) Vᵀ`, both dampings share
+    one form, `Δ = V (S ⊙ (Vᵀ Z U)) Uᵀ`: exact `S[j, i] = (τ α_i β_j / N + λ)^{-1/2}`; paper
+    `S[j, i] = β'_j^{-1/2} α'_i^{-1/2}` with `α' = √(τ/N) α + √λ`, `β' = √(τ/N) β + √λ` (i.e.
+    `Δ = B'^{-1/2} Z A'^{-1/2}`). Then `vec(Δ)ᵀ Λ vec(Δ) = ‖Z‖²_F`, and the operator is symmetric (its own
+    adjoint), so it also maps a gradient w.r.t. `Δ` to the gradient w.r.t. `Z`. As a matrix function it
+    does not depend on the signs or order of the eigenvectors `eigh` returns.
 
     U: [d, d]; V: [D, D]; S: [D, d].
     """
 
-    U: Tensor
-    V: Tensor
-    S: Tensor
+    noun: ClassVar[str] = "whitened offset"
 
     @classmethod
     def of(cls, prior: KronPosterior) -> Whitening:
-        """The square root of `prior`'s covariance, computed in float64 from its factors."""
-        f = prior.factors
-        alpha, U = torch.linalg.eigh(((f.A + f.A.T) / 2).to(torch.float64))
-        beta, V = torch.linalg.eigh(((f.B + f.B.T) / 2).to(torch.float64))
-        alpha, beta = alpha.clamp_min(0), beta.clamp_min(0)
-        data_scale = prior.hessian_scale / f.n if f.n > 0 else 0.0  # τ/N
-        lam = prior.prior_precision
-        if prior.damping is Damping.EXACT:
-            S = (data_scale * beta[:, None] * alpha[None, :] + lam).rsqrt()  # [D, d]
-        else:
-            root, sq = math.sqrt(data_scale), math.sqrt(lam)
-            S = (root * beta + sq).rsqrt()[:, None] * (root * alpha + sq).rsqrt()[None, :]  # [D, d]
-        return cls(U, V, S)
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Whitening:
-        """The same operator cast to another dtype and/or device."""
-        return Whitening(*(t.to(device=device, dtype=dtype) for t in (self.U, self.V, self.S)))
-
-    def __call__(self, z: Tensor) -> Tensor:
-        """`Λ^{-1/2}` applied to a matrix: z [..., D, d] -> [..., D, d], differentiable."""
-        if tuple(z.shape[-2:]) != tuple(self.S.shape):
-            D, d = self.S.shape
-            raise ValueError(f"whitened offset has shape {list(z.shape)}, expected [..., {D}, {d}]")
-        return self.V @ (self.S * (self.V.T @ z @ self.U)) @ self.U.T
+        """The square root of `prior`'s covariance in float64, from its cached eigendecomposition."""
+        root = prior.precision_power(-0.5)
+        return cls(root.U, root.V, root.S)
 
 
 def labelled_factors(

@@ -1,7 +1,9 @@
 """The MAP re-fit of an annotation round on Ray Train (MATH.md §9): `run_refit` in every worker.
 
 The driver splits the labelled rows (`split_holdout`, the same split as `refit_local`) and hands them to
-`TorchTrainer` as two Ray Datasets, "train" and "held". Each worker reads its shard with
+`TorchTrainer` as two Ray Datasets, "train" and "held". The objective goes to every worker pickled in
+`train_loop_config`, the prior with its eigendecomposition, so no worker re-decomposes the factors and all
+work in the same eigenbases (`loop.EigenFrame`). Each worker reads its shard with
 `ray.train.get_dataset_shard` and runs `loop.run_refit` with `torch.distributed` as the collective: the
 loss and gradient are all-reduced every step, so every worker takes the full-batch step of a single
 process, and the prior term is added on rank 0 only. Rank 0's evaluation metrics are reported to Ray Train

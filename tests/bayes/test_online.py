@@ -170,6 +170,45 @@ def test_whitening_is_the_symmetric_root_of_the_covariance(damping: str) -> None
         root(z.T)
 
 
+def _whitening_before(post: KronPosterior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, V, S) as `Whitening.of` computed them before it asked the posterior: its own eigh and damping."""
+    f = post.factors
+    alpha, U = torch.linalg.eigh(((f.A + f.A.T) / 2).to(F64))
+    beta, V = torch.linalg.eigh(((f.B + f.B.T) / 2).to(F64))
+    alpha, beta = alpha.clamp_min(0), beta.clamp_min(0)
+    data_scale, lam = post.hessian_scale / f.n, post.prior_precision
+    if post.damping.value == "exact":
+        return U, V, (data_scale * beta[:, None] * alpha[None, :] + lam).rsqrt()
+    root, sq = math.sqrt(data_scale), math.sqrt(lam)
+    return U, V, (root * beta + sq).rsqrt()[:, None] * (root * alpha + sq).rsqrt()[None, :]
+
+
+@pytest.mark.parametrize("damping", DAMPINGS)
+def test_whitening_is_the_posterior_root_as_before_without_eigh(
+    damping: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Whitening.of` reads the posterior's cached decomposition (no eigh) and whitens as it did before.
+
+    paper: bit for bit. exact: `S` to 2 ulp, rtol 5e-16 (the eigenvalue grid is `(τ/N · α_i) · β_j`,
+    formerly `(τ/N · β_j) · α_i`), so whitened matrices agree to 1e-15 relative to their largest entry.
+    """
+    post = _prior(damping)
+    U, V, S = _whitening_before(post)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(m) or eigh(m))
+    root = Whitening.of(post)
+    assert calls == [] and isinstance(root, Whitening) and isinstance(root.to(F64), Whitening)
+    assert torch.equal(root.U, U) and torch.equal(root.V, V)
+    z = torch.randn(3, D, d, generator=torch.Generator().manual_seed(4), dtype=F64)
+    before = V @ (S * (V.T @ z @ U)) @ U.T
+    if damping == "paper":
+        assert torch.equal(root.S, S) and torch.equal(root(z), before)
+    else:
+        torch.testing.assert_close(root.S, S, rtol=5e-16, atol=0)
+        assert float((root(z) - before).abs().max() / before.abs().max()) < 1e-15
+
+
 def _dense_ggn(emb: torch.Tensor, text: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Σ_i J_zᵀ H_z J_z, J_z the autograd Jacobian of z = s·cos(x, h_c) + b w.r.t. the embedding x."""
     t_hat = text / text.norm(dim=1, keepdim=True)

@@ -1,5 +1,7 @@
-"""run_refit over several workers: the collectives make them take a single process's steps, even when each
-worker's eigh returns its eigenvectors with other signs (as another device or library may)."""
+"""run_refit over several workers: the collectives make them take a single process's steps. The coordinates
+are the prior's cached eigenbases, which every worker receives with the prior (pickled from the driver, as
+Ray Train does): no worker calls eigh, so one whose eigh would return other signs (as another device or
+library may) still works in the driver's coordinates."""
 
 from __future__ import annotations
 
@@ -45,8 +47,12 @@ def test_workers_whose_eigenvectors_differ_in_sign_take_the_single_process_steps
 ) -> None:
     eigh = torch.linalg.eigh
 
+    in_workers: list[str] = []
+
     def flipped_on_rank_1(matrix: Tensor) -> tuple[Tensor, Tensor]:
         values, vectors = eigh(matrix)
+        if threading.current_thread().name.startswith("rank-"):
+            in_workers.append(threading.current_thread().name)
         if threading.current_thread().name == "rank-1":  # every other eigenvector negated: still exact
             signs = torch.ones(vectors.shape[-1], dtype=vectors.dtype)
             signs[::2] = -1.0
@@ -76,3 +82,27 @@ def test_workers_whose_eigenvectors_differ_in_sign_take_the_single_process_steps
     for result in results:
         assert result is not None and result.steps_run == single.steps_run == cfg.max_steps
         torch.testing.assert_close(result.weight, single.weight, rtol=0, atol=1e-10)
+    assert in_workers == []  # the workers used the prior's decomposition
+
+
+@pytest.mark.parametrize("damping", ["paper", "exact"])
+def test_a_pickled_prior_brings_its_eigenbases(damping: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Ray Train worker gets (the objective pickled in `train_loop_config`) has the driver's frame,
+    bit for bit, and building the frame there calls no eigh: the workers need not broadcast eigenvectors."""
+    import pickle
+
+    from pipeline.train.loop import EigenFrame
+
+    prior = problems.prior(damping=damping).to(torch.float32)  # `to` in the worker then moves it
+    objective = Objective(prior, problems.world()[1], problems.SCALE, 0.0)
+    driver = EigenFrame.of(objective.to(torch.device("cpu")))
+    shipped = pickle.loads(pickle.dumps(objective))
+
+    def no_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+        raise AssertionError("a worker called eigh")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    worker = EigenFrame.of(shipped.to(torch.device("cpu")))
+    for name in ("U", "V", "S"):
+        assert torch.equal(getattr(worker.whiten, name), getattr(driver.whiten, name))
+    assert torch.equal(worker.text, driver.text)

@@ -137,3 +137,48 @@ def test_the_written_out_adam_is_torch_adam() -> None:
         theirs.grad = grad.clone()
         reference.step()
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-14, atol=1e-15)
+
+
+class _EighCounter:
+    """Counts `torch.linalg.eigh` calls (monkeypatched) and passes them on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._eigh = torch.linalg.eigh
+        monkeypatch.setattr(torch.linalg, "eigh", self)
+
+    def __call__(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        return self._eigh(matrix)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_round_decomposes_only_its_new_posterior(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-fit moves the prior (`Objective.to`) and whitens with its cached eigendecomposition: no eigh.
+
+    A round's update then costs the two eigh of its new posterior (new factors) and nothing else; before,
+    `Whitening.of` re-ran both eigh and `Objective.to` rebuilt a prior that was not float64 (two more).
+    """
+    from pipeline.bayes.online import Whitening, labelled_factors, updated_posterior
+    from pipeline.train.loop import EigenFrame, Objective
+
+    prior = problems.prior(damping="exact").to(dtype)
+    data = problems.labelled(n=30, noise=0.2, offsets=True)
+    text = problems.world()[1]
+    eigh = _EighCounter(monkeypatch)
+    moved = Objective(prior, text, problems.SCALE, 0.0).to(torch.device("cpu"))
+    frame = EigenFrame.of(moved)
+    assert eigh.calls == 0
+    assert moved.prior.weight.dtype == torch.float64 and moved.prior.factors.A.dtype == torch.float64
+    assert (moved.prior is prior) == (dtype == torch.float64)
+    expected = Whitening.of(prior)
+    for name in ("U", "V", "S"):  # the prior's own decomposition, bit for bit
+        assert torch.equal(getattr(frame.whiten, name), getattr(expected, name))
+
+    result = refit_local(prior, text, problems.SCALE, 0.0, data, RefitConfig(max_steps=20))
+    assert eigh.calls == 0
+    extra = labelled_factors(result.weight, data.acts, text, "infonce", problems.SCALE, 0.0, data.offsets)
+    updated_posterior(prior, result.weight.to(dtype), extra)
+    assert eigh.calls == 2
