@@ -5,7 +5,9 @@ text the field's comment (`pipeline.config.field_docs`), enums as choices, boole
 `--flag/--no-flag`, tuples and lists as repeatable flags, a nested `Config` section as
 `--section-field`. Every command also takes `--config FILE.yaml` (field names as in the model; flags
 override the file), and a required field may come from either. A field named in `positional` is an
-argument instead of a flag (the campaign directory).
+argument instead of a flag (the campaign directory). `-h` is `--help`; a flag's metavar says what it takes
+(`_metavar`). A field's earlier name (`pipeline.config.Renamed`) stays a hidden flag and YAML key that
+prints one deprecation line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipeline.config import Config, field_docs, load_config
+from pipeline.config import Config, Renamed, field_docs, load_config, read_yaml, renamed_keys
 
 C = TypeVar("C", bound=Config)
 
@@ -50,8 +52,11 @@ def run_command(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str) -
     Set BAYESCURATE_DEBUG=1 to see the traceback of a user error.
     """
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    app.command(help=fn.__doc__)(fn)
+    app.command(help=fn.__doc__, context_settings={"help_option_names": ["-h", "--help"]})(fn)
     command = typer.main.get_command(app)
+    for param in command.params:
+        if isinstance(param, typer.core.TyperArgument) and param.metavar:
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]  # not `DIR <str>`
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         result = command.main(args=args, prog_name=prog, standalone_mode=False)
@@ -84,6 +89,9 @@ class Flag:
     kind: str  # "scalar", "bool", "list" or "enum"
     positional: bool = False
     name: str = ""  # the flag's name when it is not the field's (`Field(json_schema_extra={"flag": ...})`)
+    metavar: str | None = None  # what the value is, in --help (None: a boolean flag takes none)
+    default: str = ""  # "required", "default: VALUE", or "" (none)
+    renamed_to: str = ""  # a deprecated earlier name: the flag it stands for now (hidden from --help)
 
     @property
     def option(self) -> str:
@@ -120,6 +128,50 @@ def _flag_type(annotation: Any, where: str) -> tuple[Any, str]:
     raise TypeError(f"config field {where} has type {annotation!r}, which no flag can express")
 
 
+# What a text value names, by the field's name: the same name means the same thing in every command.
+METAVARS = {
+    **dict.fromkeys(
+        ("out", "pool", "targets", "eval", "images", "embeddings", "posterior", "pairs", "corpus", "truth"),
+        "PATH|URI",
+    ),
+    **dict.fromkeys(("model", "arch", "task", "project", "experiment"), "NAME"),
+    "classes": "FILE",
+    "init_from": "FILE",
+    "image_store": "URI",
+    "webhook": "URL",
+    "address": "ADDRESS",
+    "host": "HOST",
+}
+SUFFIX_METAVARS = {
+    "_dir": "DIR",
+    "_root": "DIR",
+    "_file": "FILE",
+    "_uri": "URI",
+    "_url": "URL",
+    "_column": "COLUMN",
+}
+
+
+def _metavar(name: str, typ: Any, extra: dict[str, Any]) -> str | None:
+    """What a flag takes: `json_schema_extra={"metavar": ...}`, else the choices of an enum ({ray|local}), N
+    (int), X (float), or for text what the field's name says (`METAVARS`, `SUFFIX_METAVARS`; else TEXT)."""
+    if extra.get("metavar"):
+        return str(extra["metavar"])
+    if typing.get_origin(typ) is list:
+        typ = typing.get_args(typ)[0]
+    if typ is bool:
+        return None
+    if isinstance(typ, type) and issubclass(typ, Enum):
+        return "{" + "|".join(str(m.value) for m in typ) + "}"
+    if typ is int:
+        return "N"
+    if typ is float:
+        return "X"
+    if name in METAVARS:
+        return METAVARS[name]
+    return next((m for suffix, m in SUFFIX_METAVARS.items() if name.endswith(suffix)), "TEXT")
+
+
 def _default_text(field: Any) -> str:
     if field.default is PydanticUndefined and field.default_factory is None:
         return "required"
@@ -133,6 +185,12 @@ def _default_text(field: Any) -> str:
     if isinstance(value, bool):
         return "default: on" if value else "default: off"
     return f"default: {value}"
+
+
+def _suffix(kind: str, default: str) -> str:
+    """What --help appends to a field's comment: ` [repeatable; default: 1 2]`, ` [required]`, or ``."""
+    shown = (["repeatable"] if kind == "list" else []) + ([default] if default else [])
+    return f" [{'; '.join(shown)}]" if shown else ""
 
 
 def _flattened(field: Any) -> bool:
@@ -162,32 +220,41 @@ def config_flags(
             continue
         where = ".".join(path)
         typ, kind = _flag_type(field.annotation, where)
-        help_text = docs.get(name, "")
         is_positional = not prefix and name in positional
-        extra = "" if is_positional else _default_text(field)
-        if extra:
-            help_text = f"{help_text} [{extra}]" if help_text else f"[{extra}]"
+        default = _default_text(field)
+        help_text = (docs.get(name, "") + _suffix(kind, "" if is_positional else default)).strip()
         extra_schema = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         param = "_".join(path)
         option = str(extra_schema.get("flag") or "")
         if not option and flag_prefix != prefix:
             option = "-".join((*flag_prefix, name)).replace("_", "-")
-        flag = Flag(path, param, typ, kind, positional=is_positional, name=option)
+        metavar = name.upper() if is_positional else _metavar(name, typ, extra_schema)
+        flag = Flag(path, param, typ, kind, is_positional, option, metavar, default)
         out.append((flag, help_text))
+        for was in (m for m in field.metadata if isinstance(m, Renamed)):
+            old = "-".join((*flag_prefix, was.old)).replace("_", "-")
+            alias = Flag(
+                (*prefix, was.old), "_".join(("was", *prefix, was.old)), typ, kind,
+                name=old, metavar=metavar, renamed_to=flag.option,
+            )  # fmt: skip
+            out.append((alias, f"deprecated: use {flag.option}"))
     return out
 
 
 def _parameter(flag: Flag, help_text: str) -> inspect.Parameter:
     if flag.positional:
-        info: Any = typer.Argument(help=help_text, show_default=False)
+        info: Any = typer.Argument(help=help_text, show_default=False, metavar=flag.metavar)
         return inspect.Parameter(
             flag.param, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[flag.annotation, info]
         )
+    hidden = bool(flag.renamed_to)
     if flag.kind == "bool":
         name = flag.option.removeprefix("--")
-        info = typer.Option(f"--{name}/--no-{name}", help=help_text, show_default=False)
+        info = typer.Option(f"--{name}/--no-{name}", help=help_text, show_default=False, hidden=hidden)
     else:
-        info = typer.Option(flag.option, help=help_text, show_default=False)
+        info = typer.Option(
+            flag.option, help=help_text, show_default=False, metavar=flag.metavar, hidden=hidden
+        )
     return inspect.Parameter(
         flag.param,
         inspect.Parameter.KEYWORD_ONLY,
@@ -229,6 +296,7 @@ class ConfigCommand(Generic[C]):
         self.positional = tuple(positional)
         self.flags = config_flags(config, self.positional)
         options = [f.option for f, _ in self.flags if not f.positional]
+        options += ["--no-" + f.option.removeprefix("--") for f, _ in self.flags if f.kind == "bool"]
         repeated = sorted({o for o in options if options.count(o) > 1})
         if repeated:
             raise TypeError(f"{config.__name__} gives several fields the flags {repeated}")
@@ -245,15 +313,20 @@ class ConfigCommand(Generic[C]):
         return self._execute(argv, self.run)
 
     def option_names(self) -> set[str]:
-        """Every flag the command accepts (both forms of a boolean, `--config` and `--help`)."""
+        """Every current flag of the command (both forms of a boolean, `--config` and `--help`; not the
+        deprecated names, `renamed_options`)."""
         names = {"--config", "--help"}
         for flag, _ in self.flags:
-            if flag.positional:
+            if flag.positional or flag.renamed_to:
                 continue
             names.add(flag.option)
             if flag.kind == "bool":
                 names.add("--no-" + flag.option.removeprefix("--"))
         return names
+
+    def renamed_options(self) -> dict[str, str]:
+        """Deprecated flag -> the flag it stands for now (hidden from --help)."""
+        return {flag.option: flag.renamed_to for flag, _ in self.flags if flag.renamed_to}
 
     __call__ = main
 
@@ -262,6 +335,12 @@ class ConfigCommand(Generic[C]):
 
         def command(**values: Any) -> int:
             config_file = values.pop("config", None)
+            for flag in flags:
+                if flag.renamed_to and values.get(flag.param) not in (None, []):
+                    print(f"warning: {flag.option} is deprecated; use {flag.renamed_to}", file=sys.stderr)
+            if config_file is not None:
+                for old, new in renamed_keys(self.config, read_yaml(config_file)):
+                    print(f"warning: `{old}:` in {config_file} is deprecated; use `{new}:`", file=sys.stderr)
             cfg = load_config(self.config, config_file, **_nest(values, flags))
             return int(body(cfg) or 0)
 
@@ -269,7 +348,9 @@ class ConfigCommand(Generic[C]):
         positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         keyword = [p for p in params if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD]
         config_opt = typer.Option(
-            "--config", help="YAML file with the command's settings (field names as above); flags win."
+            "--config",
+            help="YAML file with the command's settings (field names as above); flags win.",
+            metavar="FILE",
         )
         keyword.append(
             inspect.Parameter(
@@ -313,15 +394,15 @@ def config_reference(cls: type[Config], positional: Sequence[str] = ()) -> str:
     `positional` are arguments): the docs' CLI reference (`jobs._reference`), kept true by a test."""
     rows = ["| field | flag | default | what |", "|---|---|---|---|"]
     for flag, help_text in config_flags(cls, positional):
-        text, _, default = help_text.rpartition(" [")
-        if not text:
-            text, default = help_text, ""
-        default = default.rstrip("]").removeprefix("default: ") if default else ""
-        if flag.positional:
-            text, default = help_text, _default_text(cls.model_fields[flag.param]).removeprefix("default: ")
+        if flag.renamed_to:
+            continue
+        text = help_text.removesuffix(_suffix(flag.kind, "" if flag.positional else flag.default))
+        default = flag.default.removeprefix("default: ")
         default = f"`{default}`" if default and default != "required" else (default or "—")
         if flag.kind == "enum":
             text += " (" + ", ".join(f"`{m.value}`" for m in flag.annotation) + ")"
+        if flag.kind == "list":
+            text += " (repeatable)"
         name = f"{flag.param.upper()} (argument)" if flag.positional else flag.option
         rows.append(f"| `{'.'.join(flag.path)}` | `{name}` | {default} | {text.replace('|', '/')} |")
     return "\n".join(rows)

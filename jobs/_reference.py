@@ -22,19 +22,27 @@ def _summary(help_text: str) -> str:
 
 
 def reference() -> str:
-    """Every command generated from a config model: its summary, usage line and table of fields."""
+    """Every command generated from a config model: its summary, usage line, table of fields, and the
+    earlier names of renamed fields."""
     from jobs._app import config_reference
     from jobs.cli import config_commands
 
     sections = []
     for name, command in config_commands().items():
         arguments = "".join(f" {flag.param.upper()}" for flag, _ in command.flags if flag.positional)
+        renamed = ", ".join(f"`{old}` (now `{new}`)" for old, new in command.renamed_options().items())
         sections.append(
             f"## `bayescurate {name}`\n\n{_summary(command.help)}\n\n"
             f"```\nbayescurate {name}{arguments} [OPTIONS] [--config FILE.yaml]\n```\n\n"
             f"{config_reference(command.config, command.positional)}\n"
+            + (
+                f"\nRenamed, the old flags and YAML keys still work with a warning: {renamed}.\n"
+                if renamed
+                else ""
+            )
         )
-    return "\n".join(sections)
+    # Defaults inside the checkout (the shipped model's folder) are shown relative to it, as a clone has them.
+    return "\n".join(sections).replace(f"{PAGE.parents[1]}/", "")
 
 
 def render(page: str) -> str:

@@ -4,6 +4,8 @@ It is a real Label Studio user (signed up through the organisation's invite link
 0600 file under the services state dir) submitting through the same API as the labelling UI, so a
 campaign collects its answers exactly as it would collect a person's. `--noise` gives wrong answers,
 `--skip` skips tasks, `--delay` paces it; with `--follow` it keeps answering new tasks as they appear.
+The server is found as every command finds it: `--label-studio-url` or `$LABEL_STUDIO_URL` with its token,
+else the local services (`connectors.label_studio_access`).
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ import json
 import re
 import secrets
 import time
+from typing import Annotated
 
 from jobs._app import ConfigCommand
-from pipeline.config import Config
+from pipeline.config import LabelStudioAccess, Renamed
 from pipeline.io import storage
 
 
-class AnnotateBotConfig(Config):
+class AnnotateBotConfig(LabelStudioAccess):
     """Which project the bot answers, from what truth, how well."""
 
     project: str  # Label Studio project title
     truth: str  # Parquet file or folder with sample_id and the label column (e.g. the pool's embeddings)
-    column: str  # the label column of `truth`
+    label_column: Annotated[str, Renamed("column")]  # the label column of `truth`
     email: str = "bot@bayescurate.local"  # the bot's user (created on first use)
     noise: float = 0.0  # probability of a wrong label (uniform over the other classes)
     skip: float = 0.0  # probability of skipping a task
@@ -32,7 +35,7 @@ class AnnotateBotConfig(Config):
     limit: int | None = None  # answer at most this many tasks in this run
     follow: bool = False  # keep answering new tasks (poll every `poll_s`) until interrupted
     poll_s: float = 5.0  # with --follow: seconds between looks for new tasks
-    state_dir: str | None = None  # services state dir (Label Studio URL, token; the bot's login file)
+    state_dir: str | None = None  # services state dir (their Label Studio, beating the env; the bot's login)
 
 
 def read_truth(uri: str, column: str) -> dict[str, str]:
@@ -54,13 +57,21 @@ def read_truth(uri: str, column: str) -> dict[str, str]:
     return truth
 
 
-def bot_session(client, email: str, state_dir: str | None):  # type: ignore[no-untyped-def]
-    """The bot logged in: signed up on first use, its password in `<state>/labelstudio/bots/<email>.json`."""
+def bot_session(client, email: str, state_dir: str | None, *, local: bool = True):  # type: ignore[no-untyped-def]
+    """The bot logged in: signed up on first use, its password in `<state>/labelstudio/bots/<email>.json`
+    for the local services' server, `.../bots/<host_port>/<email>.json` for a server of your own."""
+    from urllib.parse import urlsplit
+
     from connectors.annotator_bot import BotAnnotator
     from connectors.service_state import resolve_state_dir
 
-    safe = re.sub(r"[^A-Za-z0-9@._-]+", "_", email)
-    login_file = resolve_state_dir(state_dir) / "labelstudio" / "bots" / f"{safe}.json"
+    def safe(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9@._-]+", "_", name)
+
+    folder = resolve_state_dir(state_dir) / "labelstudio" / "bots"
+    if not local:  # the local server may change port across restarts; another server is its own user base
+        folder = folder / safe(urlsplit(client.url).netloc)
+    login_file = folder / f"{safe(email)}.json"
     bot = BotAnnotator(client.url, email)
     if login_file.is_file():
         bot.login(json.loads(login_file.read_text())["password"])
@@ -73,14 +84,14 @@ def bot_session(client, email: str, state_dir: str | None):  # type: ignore[no-u
 def run(cfg: AnnotateBotConfig) -> int:
     """Answer the open tasks of a Label Studio project from ground truth, as a signed-up user would."""
     from connectors.annotator_bot import answer_open_tasks
-    from connectors.label_studio import LabelStudioClient
 
-    truth = read_truth(cfg.truth, cfg.column)
-    client = LabelStudioClient.from_services(cfg.state_dir)
+    target = cfg.label_studio(cfg.state_dir)
+    truth = read_truth(cfg.truth, cfg.label_column)
+    client = target.client()
     project = client.find_project(cfg.project)
     if project is None:
-        raise ValueError(f"Label Studio has no project {cfg.project!r}")
-    bot = bot_session(client, cfg.email, cfg.state_dir)
+        raise ValueError(f"Label Studio at {client.url} has no project {cfg.project!r}")
+    bot = bot_session(client, cfg.email, cfg.state_dir, local=target.services is not None)
     total = 0
     while True:
         counts = answer_open_tasks(

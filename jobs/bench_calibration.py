@@ -13,14 +13,14 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from jobs._app import ConfigCommand
 from pipeline.bayes.kron import Damping
 from pipeline.bayes.metrics import calibration_report, reliability
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.data.synthetic import SEVERITIES, SHIFTED_DOMAINS, World, class_names
 from pipeline.evaluation import (
     LabelledImages,
@@ -54,7 +54,7 @@ class CalibrationConfig(Config):
     severities: tuple[int, ...] = (1, 3, 5)  # severities of each shifted domain
     dampings: tuple[Damping, ...] = (Damping.PAPER, Damping.EXACT)  # posterior forms (docs/method.md §3)
     hessian_scales: tuple[float, ...] = (0.1, 1.0, 10.0)  # tempering τ sweep; 1.0 is the reference
-    mc_samples: int = 64  # K joint posterior draws of the Monte Carlo predictive
+    draws: Annotated[int, Renamed("mc_samples")] = 64  # K joint posterior draws of the Monte Carlo predictive
     n_bins: int = 15  # equal-width confidence bins of ECE and the reliability diagram
     batch_size: int = 256  # images per encoder batch
     seed: int = 0  # Monte Carlo seed
@@ -70,7 +70,7 @@ QUICK: dict[str, Any] = {
     "domains": ("noise", "unseen_textures"),
     "severities": (5,),
     "hessian_scales": (1.0,),
-    "mc_samples": 8,
+    "draws": 8,
 }
 
 
@@ -152,7 +152,7 @@ def run(cfg: CalibrationConfig) -> dict[str, Any]:
                 for task in cfg.tasks:
                     labels = test.labels[task]
                     for pred in predictives:
-                        probs = predict(head, test.features, classes[task], pred, cfg.mc_samples, cfg.seed)
+                        probs = predict(head, test.features, classes[task], pred, cfg.draws, cfg.seed)
                         name = _name(pred, damping)
                         report = calibration_report(probs, labels, cfg.n_bins)
                         rows.append(
@@ -214,7 +214,7 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         f"Model `{cfg['model']}`; posterior from {doc['factors']['n']:.0f} in-domain pairs "
         f"(contrastive blocks of {cfg['block_size']}); {cfg['n_test']} test images per domain and severity; "
         f"ECE with {cfg['n_bins']} equal-width bins; Brier summed over classes; MC with "
-        f"{cfg['mc_samples']} joint draws; AUROC = predictive entropy separating wrong from right.",
+        f"{cfg['draws']} joint draws; AUROC = predictive entropy separating wrong from right.",
         "",
         "## τ = 1: in-domain and shifted (mean over the shifted domains at each severity)",
         "",

@@ -15,18 +15,20 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from jobs._app import ConfigCommand
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.io import storage
 
 
 class BenchCoreConfig(Config):
     """Sizes and repeats of the core benchmark."""
 
-    batch: int = 256  # sources B in the GGN comparison
-    classes: int = 2048  # targets C in the GGN comparison
+    batch_size: Annotated[int, Renamed("batch")] = 256  # sources B in the GGN comparison
+    num_classes: Annotated[int, Renamed("classes")] = 2048  # targets C in the GGN comparison
     dim: int = 512  # embedding dimension D in the GGN comparison
     scale: float = 100.0  # logit scale s (CLIP's exp(logit_scale) at its cap)
     bias: float = -10.0  # SigLIP logit bias b
@@ -35,10 +37,12 @@ class BenchCoreConfig(Config):
     dampings: tuple[str, ...] = ("paper", "exact")  # posterior dampings whose variance is timed
     warmup: int = 1  # untimed calls before timing
     repeats: int = 5  # timed calls; the median is reported
-    threads: int | None = None  # torch CPU threads (None: torch's default)
+    threads: int | None = None  # torch CPU threads (default: torch's own choice)
     seed: int = 0  # torch seed for the random inputs
     quick: bool = False  # a small smoke run (tests): tiny sizes and the tiny model only
-    out: str = "out/bench/core.json"  # where the JSON results are written
+    out: str = Field(
+        "out/bench/core.json", json_schema_extra={"metavar": "FILE"}
+    )  # where the JSON results are written
 
     def effective(self) -> BenchCoreConfig:
         """The configuration actually run: `quick` shrinks everything."""
@@ -46,8 +50,8 @@ class BenchCoreConfig(Config):
             return self
         return self.model_copy(
             update={
-                "batch": min(self.batch, 32),
-                "classes": min(self.classes, 128),
+                "batch_size": min(self.batch_size, 32),
+                "num_classes": min(self.num_classes, 128),
                 "dim": min(self.dim, 64),
                 "models": tuple(m for m in self.models if m == "bayescurate-tiny"),
                 "image_batch": min(self.image_batch, 4),
@@ -94,8 +98,8 @@ def bench_ggn(cfg: BenchCoreConfig) -> list[dict[str, Any]]:
     from pipeline.bayes.curvature import ggn, infonce_ggn, siglip_ggn
 
     g = torch.Generator().manual_seed(cfg.seed)
-    sources = torch.randn(cfg.batch, cfg.dim, generator=g) * 3.0
-    targets = torch.randn(cfg.classes, cfg.dim, generator=g)
+    sources = torch.randn(cfg.batch_size, cfg.dim, generator=g) * 3.0
+    targets = torch.randn(cfg.num_classes, cfg.dim, generator=g)
     rows = []
     for name, softmax in (("infonce", True), ("siglip", False)):
         if softmax:
@@ -113,8 +117,8 @@ def bench_ggn(cfg: BenchCoreConfig) -> list[dict[str, Any]]:
         rows.append(
             {
                 "likelihood": name,
-                "B": cfg.batch,
-                "C": cfg.classes,
+                "B": cfg.batch_size,
+                "C": cfg.num_classes,
                 "D": cfg.dim,
                 "fast_s": t_fast,
                 "per_sample_s": t_slow,

@@ -205,6 +205,7 @@ def ray_embed(
         variance=variance,
         rows_per_shard=rows_per_shard,
         batch_size=batch_size,
+        tracking=False,
     )
     sampler = MemorySampler() if memory else contextlib.nullcontext()
     cpu_before = cpu_by_process()

@@ -58,16 +58,30 @@ def config_commands() -> dict[str, Any]:
 
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: bayescurate COMMAND [ARGS]...", "", "Commands:"]
+    lines = ["usage: bayescurate [--version] COMMAND [ARGS]...", "", "Commands:"]
     lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "Run `bayescurate COMMAND --help` for the options of one command."]
+    lines += ["", "Run `bayescurate COMMAND -h` for the options of one command."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed package's version, as pip knows it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("bayescurate")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"bayescurate {version()}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+from pydantic import Field
 
 from jobs._app import ConfigCommand
 from pipeline import runtime
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.data.synthetic import Domain
 from pipeline.flows.embed import EmbedConfig, embed
 from pipeline.flows.fit import FitConfig, fit_posterior
@@ -27,27 +29,34 @@ from pipeline.flows.world import MakeWorldConfig, make_world
 from pipeline.flows.zeroshot import ZeroshotConfig, zeroshot
 from pipeline.rounds.config import CampaignConfig, LabelSource, Trainer
 
+if TYPE_CHECKING:
+    from pipeline.rounds.status import CampaignStatus
+
 R = TypeVar("R")
 
 
 class DemoConfig(Config):
     """The demo's world, model and campaign."""
 
-    out: str = "out/demo"  # where corpora, posterior, embeddings, the campaign and reports go
+    out: str = Field(
+        "out/demo", json_schema_extra={"metavar": "DIR"}
+    )  # where corpora, posterior, embeddings, the campaign and reports go
     services: bool = True  # local MLflow + Label Studio (off: sqlite tracking and the oracle label source)
     state_dir: str | None = None  # services state dir (default: ./.state)
     model: str = "bayescurate-tiny"  # model to make Bayesian
     task: str = "shape"  # zero-shot task of the synthetic world (shape or colour)
-    pairs: int = 2048  # image-caption pairs for the posterior
-    pool: int = 2000  # unlabelled pool size (half in-domain, half shifted)
-    targets: int = 200  # unlabelled target-domain examples (what EPIG is informative about)
-    eval: int = 500  # labelled target-domain examples the rounds are evaluated on
+    num_pairs: Annotated[int, Renamed("pairs")] = 2048  # image-caption pairs for the posterior
+    pool_size: Annotated[int, Renamed("pool")] = 2000  # unlabelled pool images (half in-domain, half shifted)
+    num_targets: Annotated[int, Renamed("targets")] = 200  # unlabelled target-domain examples (what EPIG is
+    # informative about)
+    num_eval: Annotated[int, Renamed("eval")] = 500  # labelled target-domain examples the rounds are
+    # evaluated on
     target_domain: Domain = Domain.BLUR  # the shifted domain the curation targets (the tiny model degrades)
     target_severity: int = 3  # its severity (1..5)
     corrupt: float = 0.01  # fraction of corrupt pool files (quarantined, the run goes on)
     budget: int = 16  # tasks per round
     rounds: int = 3  # annotation rounds
-    trainer: Trainer = Trainer.RAY  # where the projection is re-fitted
+    executor: Annotated[Trainer, Renamed("trainer")] = Trainer.RAY  # where the projection is re-fitted
     noise: float = 0.0  # the bot annotator's share of wrong answers
     project: str = "bayescurate-demo"  # Label Studio project and MLflow experiment
     num_cpus: int | None = None  # CPUs of the embedded Ray (default: all)
@@ -73,21 +82,21 @@ def prepare(cfg: DemoConfig, out: Path, tracking_uri: str | None) -> dict[str, P
         "posterior": out / "posterior",
     }
     shifted = {"domain": cfg.target_domain, "severity": cfg.target_severity}
-    half = cfg.pool // 2
+    half = cfg.pool_size // 2
     worlds = [
-        ("image-caption pairs", {"out": str(paths["pairs"]), "n": cfg.pairs}),
+        ("image-caption pairs", {"out": str(paths["pairs"]), "n": cfg.num_pairs}),
         (
             "pool, in-domain half (with corrupt files)",
             {"out": str(paths["pool"] / "clean"), "n": half, "start": 1_000_000, "corrupt": cfg.corrupt},
         ),
         (
             "pool, shifted half",
-            {"out": str(paths["pool"] / "shifted"), "n": cfg.pool - half, "start": 2_000_000, **shifted},
+            {"out": str(paths["pool"] / "shifted"), "n": cfg.pool_size - half, "start": 2_000_000, **shifted},
         ),
-        ("targets", {"out": str(paths["targets"]), "n": cfg.targets, "start": 3_000_000, **shifted}),
+        ("targets", {"out": str(paths["targets"]), "n": cfg.num_targets, "start": 3_000_000, **shifted}),
         (
             "labelled evaluation set",
-            {"out": str(paths["eval"]), "n": cfg.eval, "start": 4_000_000, **shifted},
+            {"out": str(paths["eval"]), "n": cfg.num_eval, "start": 4_000_000, **shifted},
         ),
     ]
     for title, fields in worlds:
@@ -99,7 +108,11 @@ def prepare(cfg: DemoConfig, out: Path, tracking_uri: str | None) -> dict[str, P
     for name in ("pool", "targets", "eval"):
         dest = out / "embeddings" / name
         emb = EmbedConfig(
-            images=str(paths[name]), posterior=str(paths["posterior"]), out=str(dest), activations=True
+            images=str(paths[name]),
+            posterior=str(paths["posterior"]),
+            out=str(dest),
+            activations=True,
+            **track,
         )
         _step(f"embed the {name} with uncertainty and activations", embed, emb)
         paths[f"emb_{name}"] = dest
@@ -131,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             classes=str(classes),
             posterior=str(paths["posterior"]),
             out=str(out / "zeroshot"),
-            labels=cfg.task,
+            label_column=cfg.task,
             tracking_uri=tracking_uri,
             experiment=cfg.project,
         )
@@ -150,7 +163,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             truth=None if cfg.services else str(paths["emb_pool"]),
             project=cfg.project,
             state_dir=cfg.state_dir,
-            trainer=cfg.trainer,
+            executor=cfg.executor,
             tracking_uri=tracking_uri,
             experiment=cfg.project,
         )
@@ -167,8 +180,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     login = state.label_studio.admin_file if state and state.label_studio else None
     status = campaign.status(directory)
     return {
-        "mlflow": status["mlflow"] or tracking_uri,
-        "label_studio": _project_url(cfg, status["method"]) if cfg.services else None,
+        "mlflow": status.mlflow or tracking_uri,
+        "label_studio": _project_url(cfg, status.method.value) if cfg.services else None,
         "login_file": login,
         "status": status,
         "out": str(out),
@@ -207,14 +220,14 @@ def _project_url(cfg: DemoConfig, method: str) -> str | None:
     return f"{client.url}/projects/{project.id}/data" + (f"?tab={view}" if view is not None else "")
 
 
-def rounds_table(status: dict[str, Any]) -> str:
+def rounds_table(status: CampaignStatus) -> str:
     """The demo's closing table: labels and target-domain metrics per round, MAP vs Bayes."""
     lines = [
         "| round | labels | accuracy MAP / Bayes | ECE MAP / Bayes | NLL MAP / Bayes |",
         "|---|---|---|---|---|",
     ]
-    rows = [("start", 0, status.get("baseline") or {})]
-    rows += [(str(r["round"]), r["labels_used"], r["metrics"]) for r in status["rounds"] if r["metrics"]]
+    rows = [("start", 0, status.baseline)]
+    rows += [(str(r.index), r.labels_used, r.metrics) for r in status.rounds if r.metrics]
     for name, labels, m in rows:
         if not m.get("MAP"):
             continue

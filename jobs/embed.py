@@ -18,6 +18,8 @@ def run(cfg: EmbedConfig) -> int:
         f"in {r.seconds:.1f}s -> {cfg.out}"
     )
     print(quarantine.format_counts(r.quarantined))
+    if r.mlflow_run_id:
+        print(f"MLflow run {r.mlflow_run_id} (experiment {cfg.experiment!r})")
     return 0
 
 

@@ -7,7 +7,10 @@ from pipeline.models.pretrain import PretrainConfig
 
 
 def run(cfg: PretrainConfig) -> int:
-    """Train the tiny CLIP (CLIP's hard-target loss, learned clamped temperature) and write the checkpoint."""
+    """Train the tiny CLIP (CLIP's hard-target loss, learned clamped temperature) and write the checkpoint.
+
+    Without --out it replaces the shipped model, which it refuses unless --overwrite is given.
+    """
     from pipeline.models.pretrain import train_tiny
 
     train_tiny(cfg)

@@ -18,6 +18,8 @@ def run(cfg: SelectConfig) -> int:
     if r.label_studio:
         ls = r.label_studio
         print(f"Label Studio: {ls['created']} new tasks, {ls['skipped']} already there: {ls['url']}")
+    if r.mlflow_run_id:
+        print(f"MLflow run {r.mlflow_run_id} (experiment {cfg.experiment!r})")
     return 0
 
 

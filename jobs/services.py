@@ -1,7 +1,9 @@
 """`bayescurate services up|down|status`: the local Label Studio and MLflow servers.
 
 `up` is idempotent (servers already running are kept) and prints URLs and the token FILE, never the token;
-`down` stops exactly the processes `up` started; `status` checks their health (exit code 1 if one is down).
+`down` stops exactly the processes `up` started; `status` checks their health (exit code 1 if one is down)
+and says which Label Studio the other commands would use (`--label-studio-url`, `$LABEL_STUDIO_URL` or these
+services), whether it answers and whether it accepts the token.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from enum import Enum
 
 from connectors import services
 from jobs._app import ConfigCommand
-from pipeline.config import Config
+from pipeline.config import LabelStudioAccess
 
 
 class Action(str, Enum):
@@ -22,7 +24,7 @@ class Action(str, Enum):
     """Report URL, pid and health of each recorded server."""
 
 
-class ServicesConfig(Config):
+class ServicesConfig(LabelStudioAccess):
     """Which local servers to start, stop or check, and where their state lives."""
 
     action: Action  # up, down or status
@@ -59,7 +61,36 @@ def run(cfg: ServicesConfig) -> int:
         )
         unhealthy |= not info["healthy"]
         print(f"{name:<13} {info['url']:<26} pid {info['pid']:<8} {health}  (log {info['log']})")
+    if labelstudio:
+        unhealthy |= not _report_label_studio(cfg)
     return 1 if unhealthy else 0
+
+
+def _report_label_studio(cfg: ServicesConfig) -> bool:
+    """Print the Label Studio that `select`, `campaign` and `annotate-bot` would use; False if it is
+    misconfigured, down, or refuses the token (nothing configured and nothing started is no failure)."""
+    from connectors import labelstudio_server
+    from connectors.label_studio import LabelStudioError
+    from connectors.label_studio_access import NoLabelStudio, resolve
+
+    try:
+        target = resolve(cfg.label_studio_url, cfg.label_studio_token_file, cfg.state_dir)
+    except NoLabelStudio as exc:
+        print(f"{'commands use':<13} {exc}")
+        return True
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{'commands use':<13} {exc}")
+        return False
+    if not labelstudio_server.healthy(target.url):
+        print(f"{'commands use':<13} {target.describe()}: not answering")
+        return False
+    try:
+        target.client(retry_for=0).current_user()
+    except LabelStudioError as exc:
+        print(f"{'commands use':<13} {target.describe()}: answering, but {exc}")
+        return False
+    print(f"{'commands use':<13} {target.describe()}: healthy, token accepted")
+    return True
 
 
 def _print_up(state: services.ServicesState) -> None:

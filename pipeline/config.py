@@ -2,7 +2,8 @@
 
 A field's trailing comment is its documentation: `field_docs` reads it from the source, and the CLI
 (`jobs._app.ConfigCommand`) turns it into the flag's help text, so the two cannot drift apart. A field
-that holds another `Config` is a section: nested in YAML, `--section-field` on the command line.
+that holds another `Config` is a section: nested in YAML, `--section-field` on the command line. A field
+marked `Renamed("old")` still loads from its earlier name, so old YAML files and campaign directories do.
 """
 
 from __future__ import annotations
@@ -12,19 +13,82 @@ import inspect
 import io
 import textwrap
 import tokenize
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 T = TypeVar("T", bound="Config")
 
 
+@dataclass(frozen=True)
+class Renamed:
+    """A field's earlier name, still accepted: `executor: Annotated[Trainer, Renamed("trainer")] = ...`.
+
+    A YAML key or keyword argument under the old name loads into the field (the current name wins when both
+    are given), and the CLI keeps the old flag, hidden, with a deprecation line. `convert` maps a value
+    given under the old name to the field's meaning, when the meaning changed too.
+    """
+
+    old: str
+    convert: Callable[[Any], Any] | None = None
+
+
+@functools.cache
+def renamed_fields(cls: type[BaseModel]) -> dict[str, tuple[str, Renamed]]:
+    """old name -> (current name, its `Renamed` marker) for the fields of `cls` (not of its sections)."""
+    return {
+        m.old: (name, m)
+        for name, field in cls.model_fields.items()
+        for m in field.metadata
+        if isinstance(m, Renamed)
+    }
+
+
 class Config(BaseModel):
-    """Base for every configuration: immutable, unknown keys rejected."""
+    """Base for every configuration: immutable, unknown keys rejected, earlier field names accepted."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _current_names(cls, data: Any) -> Any:
+        renames = renamed_fields(cls)
+        if not isinstance(data, dict) or not renames.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old in sorted(renames.keys() & data.keys()):
+            name, marker = renames[old]
+            value = data.pop(old)
+            if value is not None and marker.convert is not None:
+                value = marker.convert(value)
+            data.setdefault(name, value)
+        return data
+
+
+def renamed_keys(cls: type[BaseModel], data: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(old key, current key), dotted through sections, for every earlier field name used in `data`."""
+    if not isinstance(data, dict):
+        return
+    renames = renamed_fields(cls)
+    for key, value in data.items():
+        if key in renames:
+            yield prefix + key, prefix + renames[key][0]
+        field = cls.model_fields.get(key)
+        section = _section_type(field.annotation) if field is not None else None
+        if section is not None:
+            yield from renamed_keys(section, value, f"{prefix}{key}.")
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _trailing_comments(source: str) -> dict[str, str]:
@@ -167,3 +231,19 @@ class TrackedConfig(Config):
         if self.tracking_uri:
             return Tracker(self.tracking_uri, self.experiment)
         return Tracker.default(self.experiment)
+
+
+class LabelStudioAccess(Config):
+    """Fields of every config that talks to Label Studio; resolved with the command's `state_dir` by
+    `connectors.label_studio_access.resolve` (flag, then environment, then the local services)."""
+
+    label_studio_url: str | None = None  # URL of the Label Studio server to use (default: $LABEL_STUDIO_URL,
+    # else the one `bayescurate services up` started)
+    label_studio_token_file: str | None = None  # file holding its API token (default: $LABEL_STUDIO_API_KEY,
+    # else the file $LABEL_STUDIO_API_KEY_FILE)
+
+    def label_studio(self, state_dir: str | None = None) -> Any:
+        """The `connectors.label_studio_access.LabelStudioTarget` these fields (and `state_dir`) name."""
+        from connectors.label_studio_access import resolve
+
+        return resolve(self.label_studio_url, self.label_studio_token_file, state_dir)

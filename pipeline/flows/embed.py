@@ -3,19 +3,20 @@
 Output: `part-<shard>.parquet` per input shard (`sample_id`, `mean` [D], `var` [D], optional `acts`, the
 row's image location `source`, and the input's caption/label columns), with key-value metadata
 `bayescurate` = {posterior_id, projection_sha256, model, ...}; `quarantine/part-<shard>.parquet`;
-`_done/<shard>.json` markers. Rerunning skips completed shards.
+`_done/<shard>.json` markers. Rerunning skips completed shards. With tracking on, an MLflow run `embed`
+holds the settings, the counts, the throughput and the summary.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline import runtime
 from pipeline.artifacts.posterior import check_identity, projection_sha256, read_info
-from pipeline.config import Config
+from pipeline.config import TrackedConfig
 from pipeline.data.formats import CorpusFormat
 from pipeline.data.sources import DEFAULT_ROWS_PER_SHARD, plan_shards
 from pipeline.runtime import Executor
@@ -25,7 +26,7 @@ from pipeline.stages.shards import Ledger, pending_shards
 from pipeline.stages.sinks import EmbeddingSink
 
 
-class EmbedConfig(Config):
+class EmbedConfig(TrackedConfig):
     """What `embed` reads, with which posterior, and where it writes."""
 
     images: str  # corpus URI: Parquet files, an image folder or WebDataset tars
@@ -57,6 +58,8 @@ class EmbedResult:
     nodes: dict[str, list[str]]  # stage -> Ray nodes that ran it
     setup_s: float
     seconds: float
+    processed_rows: int = 0  # input rows of the shards run now
+    mlflow_run_id: str | None = None
 
     @property
     def skipped_shards(self) -> int:
@@ -131,7 +134,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     quarantined: Counter[str] = Counter()
     for m in markers:
         quarantined.update(m["quarantined"])
-    return EmbedResult(
+    result = EmbedResult(
         out=cfg.out,
         posterior_id=params["posterior_id"],
         shards=len(shards),
@@ -142,4 +145,42 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         nodes={k: sorted(v) for k, v in nodes.items()},
         setup_s=setup_s,
         seconds=time.perf_counter() - start,
+        processed_rows=sum(s.rows for s in todo),
     )
+    if cfg.tracking:
+        result = replace(result, mlflow_run_id=track(cfg, result, name, pretrained))
+    return result
+
+
+def track(cfg: EmbedConfig, result: EmbedResult, model: str, pretrained: str | None) -> str:
+    """Log the run to MLflow (settings, counts, throughput, the summary); returns the run id."""
+    params = {
+        "images": cfg.images,
+        "out": cfg.out,
+        "model": model,
+        "pretrained": pretrained,
+        "posterior_id": result.posterior_id,
+        "format": cfg.format.value if cfg.format else None,
+        "variance": cfg.variance,
+        "activations": cfg.activations,
+        "rows_per_shard": cfg.rows_per_shard,
+        "batch_size": cfg.batch_size,
+        "executor": cfg.executor.value,
+    }
+    with cfg.tracker().run("embed", params=params, tags={"command": "embed"}) as run:
+        metrics = {
+            "rows": result.rows,
+            "embedded": result.embedded,
+            "quarantined": sum(result.quarantined.values()),
+            "shards": result.shards,
+            "processed_shards": result.processed_shards,
+            "processed_rows": result.processed_rows,
+            "setup_s": result.setup_s,
+            "seconds": result.seconds,
+        }
+        metrics |= {f"quarantined_{reason}": n for reason, n in result.quarantined.items()}
+        if result.processed_rows:  # rows/s of the work done now (a rerun that skips everything has none)
+            metrics["rows_per_s"] = result.processed_rows / max(result.seconds, 1e-9)
+        run.log_metrics(metrics)
+        run.log_dict(result.to_json(), "embed.json")
+        return run.run_id

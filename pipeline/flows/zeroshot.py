@@ -2,7 +2,7 @@
 
 Class prompts go through the text tower with its posterior (prompt activations averaged per class, so the
 class embedding is `Q ā` and its variance is exact), image embeddings come from `embed`. Per image:
-Bayesian (probit, or Monte Carlo with `mc` draws) and MAP predictions, confidence, predictive entropy and
+Bayesian (probit, or `draws` Monte Carlo draws) and MAP predictions, confidence, predictive entropy and
 mean logit variance; with a label column, accuracy/ECE/NLL/Brier for MAP and Bayes side by side and a
 reliability diagram, all logged to MLflow. Streams over the embedding part files; `out` may be a URI.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ from pipeline.bayes import metrics
 from pipeline.bayes.cosine import ProbLogits, prob_cosine
 from pipeline.bayes.metrics import entropy
 from pipeline.classes import class_text_features, read_classes
-from pipeline.config import TrackedConfig
+from pipeline.config import Renamed, TrackedConfig
 from pipeline.io import storage, vectors
 from pipeline.plots import reliability_png
 from pipeline.stages.embed import ModelSpec
@@ -36,8 +36,9 @@ class ZeroshotConfig(TrackedConfig):
     classes: str  # classes file: JSON {"classes", "prompts", "label_column"} or one class a line
     posterior: str  # posterior directory
     out: str  # output directory (local path or URI)
-    labels: str | None = None  # label column in the embeddings: report accuracy/ECE/NLL/Brier
-    mc: int = 0  # Monte Carlo samples of the logits (0 = probit)
+    label_column: Annotated[str | None, Renamed("labels")] = None  # label column in the embeddings: report
+    # accuracy/ECE/NLL/Brier
+    draws: Annotated[int, Renamed("mc")] = 0  # Monte Carlo draws of the logits (0: the probit approximation)
     n_bins: int = 15  # ECE / reliability bins
     seed: int = 0  # Monte Carlo seed
 
@@ -84,7 +85,7 @@ def check_fresh(table: pa.Table, path: str, info: dict[str, Any]) -> None:
 
 
 def zeroshot(cfg: ZeroshotConfig) -> ZeroshotResult:
-    """Classify every embedded image; with `labels`, MAP vs Bayes calibration metrics and a diagram."""
+    """Classify every embedded image; with `label_column`, MAP vs Bayes calibration metrics and a diagram."""
     info = read_info(cfg.posterior)
     adapter = ModelSpec(info["model"].get("name"), info["model"].get("pretrained")).load()
     head = load_posterior(cfg.posterior, adapter)
@@ -101,14 +102,16 @@ def zeroshot(cfg: ZeroshotConfig) -> ZeroshotResult:
         table = pq.read_table(p, filesystem=fs)
         if "var" not in table.column_names:
             raise ValueError(f"{path!r} has no 'var' column: embed with a posterior (without --no-variance)")
-        if cfg.labels and cfg.labels not in table.column_names:
-            raise ValueError(f"label column {cfg.labels!r} not in {path!r}; columns: {table.column_names}")
+        if cfg.label_column and cfg.label_column not in table.column_names:
+            raise ValueError(
+                f"label column {cfg.label_column!r} not in {path!r}; columns: {table.column_names}"
+            )
         check_fresh(table, path, info)
         mean_x = vectors.tensor(table, "mean")  # [N, D]
         var_x = vectors.tensor(table, "var")  # [N, D]
         cos_mean, cos_var = prob_cosine(mean_x, var_x, mean_y, var_y)  # [N, C] each
         logits = ProbLogits.from_cosine(cos_mean, cos_var, head.scale, head.bias)
-        bayes = logits.probit() if cfg.mc <= 0 else logits.sample_probs(cfg.mc, gen).mean(1)  # [N, C]
+        bayes = logits.probit() if cfg.draws <= 0 else logits.sample_probs(cfg.draws, gen).mean(1)  # [N, C]
         map_cos = (
             torch.nn.functional.normalize(mean_x, dim=1) @ torch.nn.functional.normalize(mean_y, dim=1).T
         )
@@ -125,8 +128,8 @@ def zeroshot(cfg: ZeroshotConfig) -> ZeroshotResult:
             "map_entropy": pa.array(entropy(map_probs).numpy(), pa.float32()),
             "probs": vectors.vector_column(bayes),
         }
-        if cfg.labels:
-            labels = table.column(cfg.labels).to_pylist()
+        if cfg.label_column:
+            labels = table.column(cfg.label_column).to_pylist()
             columns["label"] = pa.array(labels, pa.string())
             known = np.array([lab in index for lab in labels], dtype=bool)
             unknown += int((~known).sum())
@@ -137,10 +140,10 @@ def zeroshot(cfg: ZeroshotConfig) -> ZeroshotResult:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         storage.write_parquet(pa.table(columns).replace_schema_metadata(meta), storage.join(cfg.out, name))
     result = ZeroshotResult(out=cfg.out, files=len(files), classes=names, posterior_id=info["posterior_id"])
-    if cfg.labels:
+    if cfg.label_column:
         labels_t = torch.cat(all_labels)
         if len(labels_t) == 0:
-            raise ValueError(f"no row of label column {cfg.labels!r} names one of the classes {names}")
+            raise ValueError(f"no row of label column {cfg.label_column!r} names one of the classes {names}")
         results = {"MAP": torch.cat(all_map), "Bayes": torch.cat(all_bayes)}
         report = {k: metrics.calibration_report(v, labels_t, cfg.n_bins) for k, v in results.items()}
         result = ZeroshotResult(
@@ -166,8 +169,8 @@ def _track(cfg: ZeroshotConfig, result: ZeroshotResult) -> None:
         "embeddings": cfg.embeddings,
         "classes": cfg.classes,
         "posterior_id": result.posterior_id,
-        "labels": cfg.labels,
-        "mc": cfg.mc,
+        "label_column": cfg.label_column,
+        "draws": cfg.draws,
         "n_bins": cfg.n_bins,
     }
     with cfg.tracker().run("zeroshot", params=params, tags={"command": "zeroshot"}) as run:

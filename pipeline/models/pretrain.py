@@ -12,9 +12,9 @@ under shift, over-confident.
 
 Captions of this world often describe only part of an image ("a red shape"), so a batch holds captions
 true of several of its images, which the hard targets treat as negatives, as web captions are for CLIP.
-`targets="soft"` keeps the earlier alternative: each row (column) of the target spreads its mass uniformly
-over the caption-compatible pairs (`positive_pairs`). Fresh images are drawn every step, so there is no
-overfitting to a fixed set and no epoch bookkeeping.
+`contrastive_targets="soft"` keeps the earlier alternative: each row (column) of the target spreads its
+mass uniformly over the caption-compatible pairs (`positive_pairs`). Fresh images are drawn every step, so
+there is no overfitting to a fixed set and no epoch bookkeeping.
 
 Recipe of the shipped checkpoint (its model card records both stages): stage 1, 250 steps with the defaults
 below; stage 2, 500 steps warm-started from stage 1 (`init_from`, which also carries the learned scale on)
@@ -40,15 +40,16 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.data import synthetic
 from pipeline.models import registry
 from pipeline.models.tokenizer import WordTokenizer
@@ -75,7 +76,10 @@ class Targets(str, Enum):
 class PretrainConfig(Config):
     """Training run of the tiny model."""
 
-    out_dir: str = str(registry.TINY_DIR)  # where the checkpoint directory is written
+    out: Annotated[str | None, Renamed("out_dir")] = Field(
+        None, json_schema_extra={"metavar": "DIR"}
+    )  # where the checkpoint directory is written (default: the shipped model, which needs --overwrite)
+    overwrite: bool = False  # replace the shipped tiny model (pipeline/models/assets/bayescurate-tiny)
     arch: str = registry.TINY_MODEL  # architecture config in pipeline/models/configs/
     steps: int = 250  # optimiser steps
     batch_size: int = 128  # image-caption pairs per step
@@ -89,9 +93,23 @@ class PretrainConfig(Config):
     threads: int = 2  # torch CPU threads
     shape_caption_p: float = 0.0  # chance of replacing a caption by a shape-only one ("a photo of a star")
     init_from: str | None = None  # warm start: a weights file (.safetensors) of the same architecture
-    targets: Targets = Targets.HARD  # contrastive targets: hard (CLIP, one-hot) or soft (caption-compatible)
+    contrastive_targets: Annotated[Targets, Renamed("targets")] = Targets.HARD  # hard (CLIP, one-hot) or
+    # soft (caption-compatible)
     init_temperature: float = 0.07  # logit_scale starts at log(1/T) (CLIP); a warm start keeps its own
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to [1, this] after every step (CLIP)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """`out`, or the shipped tiny model's directory."""
+        return Path(self.out) if self.out else registry.TINY_DIR
+
+    def check_overwrite(self) -> None:
+        """Refuse to replace the shipped model unless `overwrite` says so (before any training)."""
+        if self.checkpoint_dir.resolve() == registry.TINY_DIR.resolve() and not self.overwrite:
+            raise FileExistsError(
+                f"{registry.TINY_DIR} is the shipped tiny model: pass --out DIR to write elsewhere, or "
+                "--overwrite to replace it"
+            )
 
 
 def images_to_tensor(images: list[Any], mean: list[float], std: list[float]) -> torch.Tensor:
@@ -308,8 +326,9 @@ def train_tiny(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[
     """Train the tiny CLIP, write the checkpoint directory, and return the model card.
 
     A warm start from a checkpoint directory with a model card continues its record: the new card lists
-    the earlier stages and this one.
+    the earlier stages and this one. The shipped model is replaced only with `overwrite`.
     """
+    cfg.check_overwrite()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     registry.register_configs()
@@ -325,7 +344,7 @@ def train_tiny(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[
     model = build_model(cfg)
     model.train()
     opt = build_optimizer(model, cfg)
-    targets = Targets(cfg.targets)
+    targets = Targets(cfg.contrastive_targets)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -354,13 +373,14 @@ def train_tiny(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[
 
     accuracy = evaluate(model, tokenizer, cfg, preprocess)
     scale = float(model.logit_scale.detach().exp())
-    out = Path(cfg.out_dir)
+    out = cfg.checkpoint_dir
     registry.write_local_dir(out, model_cfg, preprocess)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / registry.WEIGHTS_FILE))
     tokenizer.save(out)
     stage = {
-        **cfg.model_dump(mode="json", exclude={"out_dir"}),
+        **cfg.model_dump(mode="json", exclude={"out", "overwrite", "contrastive_targets"}),
+        "targets": targets.value,  # the name the shipped card's stages use
         "data": "pipeline.data.synthetic World(data_seed), clean domain, a fresh batch every step",
         "loss": LOSS_TEXT[targets],
         "images_seen": cfg.steps * cfg.batch_size,

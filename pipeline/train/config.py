@@ -23,7 +23,8 @@ class RefitConfig(Config):
     eval_every: int = Field(10, ge=1)  # steps between evaluations (held-back NLL, stop tests, reports)
     holdout: float = Field(0.1, ge=0, le=0.5)  # share of labelled rows held back for early stopping
     min_holdout: int = Field(20, ge=1)  # fewer held-back rows than this: no early stopping, all rows train
-    patience: int | None = Field(5, ge=1)  # evaluations without a held-back gain before stopping (None: off)
+    patience: int | None = Field(5, ge=1)  # evaluations without a held-back gain before stopping (null in
+    # YAML: no early stopping)
     min_delta: float = Field(1e-4, ge=0)  # least fall of the mean held-back NLL (nats) that is a gain
     tolerance: float = Field(1e-6, ge=0)  # stop when max |∂loss/∂Y| at an evaluation is at most this
     seed: int = 0  # salt of the held-back split hash (the optimisation itself has no randomness)

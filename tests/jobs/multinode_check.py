@@ -57,7 +57,7 @@ def main(work: str) -> None:
         ]
         rc_cluster = fit_posterior.main([*args, "--out", f"{work}/cluster"])
         emb = ["--images", f"{work}/world", "--posterior", f"{work}/cluster", "--out", f"{work}/emb"]
-        rc_embed = embed.main([*emb, "--activations", "--rows-per-shard", "100"])
+        rc_embed = embed.main([*emb, "--activations", "--rows-per-shard", "100", "--no-tracking"])
         pick = ["--pool", f"{work}/emb", "--targets", f"{work}/emb", "--posterior", f"{work}/cluster"]
         pick += ["--classes", f"{work}/world/classes/shape.json", "--budget", "20", "--batch", "stochastic"]
         pick += ["--draws", "8", "--rows-per-shard", "40", "--batch-size", "40", "--no-tracking"]

@@ -83,7 +83,7 @@ def _tar(members: dict[str, bytes]) -> bytes:
 def _embed(corpus: str, out: str, executor: str) -> list[str]:
     return [
         "--images", corpus, "--model", MODEL, "--no-variance", "--out", out,
-        "--rows-per-shard", str(PER_SHARD), "--executor", executor,
+        "--rows-per-shard", str(PER_SHARD), "--executor", executor, "--no-tracking",
     ]  # fmt: skip
 
 

@@ -82,6 +82,7 @@ def test_fit_embed_zeroshot(world: Path, tmp_path: Path, capsys: pytest.CaptureF
         "--rows-per-shard",
         "64",
         "--activations",
+        "--no-tracking",
     ]
     assert embed.main(args) == 0
     capsys.readouterr()
@@ -140,6 +141,7 @@ def test_rerun_with_other_params_is_refused(
         str(out),
         "--executor",
         "local",
+        "--no-tracking",
     ]
     assert embed.main(base) == 0
     assert embed.main([*base, "--rows-per-shard", "10"]) == 2
@@ -176,7 +178,7 @@ def test_embed_trace_reports_actor_times_and_keeps_them_out_of_the_output(
 
     cfg = EmbedConfig(
         images=str(world), out=str(tmp_path / "emb"), model=MODEL,
-        variance=False, executor="local", rows_per_shard=100, batch_size=64,
+        variance=False, executor="local", rows_per_shard=100, batch_size=64, tracking=False,
     )  # fmt: skip
     with trace() as tr:
         summary = run_embed(cfg)

@@ -61,6 +61,7 @@ def test_ray_matches_local_and_survives_actor_kill(ray_session: None, tmp_path: 
         "40",
         "--batch-size",
         "40",
+        "--no-tracking",
     ]
     result: dict[str, int] = {}
     run = threading.Thread(target=lambda: result.setdefault("rc", embed.main(args)))
