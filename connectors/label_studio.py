@@ -49,9 +49,16 @@ ID_BATCH = 300  # task ids per request that selects tasks by id (keeps URLs shor
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"})
 PRESIGN_TTL_MINUTES = 15  # lifetime of a URL Label Studio presigns for an S3 image (it signs anew per view)
 TRANSIENT_4XX = frozenset({408, 429})  # request timeout, too many requests: retried like a 5xx
-# One annotation created, edited; many created at once (the Data Manager's "Create Annotations From
-# Predictions"); many deleted.
-WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED")
+# The annotation events a webhook subscribes to, and the payload key (with its JSON type) each one carries:
+# one annotation created, edited; many created at once (the Data Manager's "Create Annotations From
+# Predictions"; sic, it keeps the singular key); many deleted.
+WEBHOOK_PAYLOADS: Mapping[str, tuple[str, type]] = {
+    "ANNOTATION_CREATED": ("annotation", dict),
+    "ANNOTATION_UPDATED": ("annotation", dict),
+    "ANNOTATIONS_CREATED": ("annotation", list),
+    "ANNOTATIONS_DELETED": ("annotations", list),
+}
+WEBHOOK_ACTIONS = tuple(WEBHOOK_PAYLOADS)
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # data keys usable as Data Manager columns
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Task fields an annotation listing does not need (predictions and drafts can outweigh the answers).
@@ -306,6 +313,7 @@ class LabelStudioClient:
         self.max_backoff = max_backoff
         self._sdk = self._new_sdk()
         self._users: dict[int, str] = {}
+        self.token_from = "the API token"  # where the token came from, for errors (never the token)
 
     def __repr__(self) -> str:  # never show the token
         return f"LabelStudioClient(url={self.url!r})"
@@ -368,6 +376,10 @@ class LabelStudioClient:
     def sdk(self) -> LabelStudio:
         """The underlying label-studio-sdk client, for calls this wrapper does not cover."""
         return self._sdk
+
+    def current_user(self) -> str:
+        """The email of the token's user: a cheap check that the server accepts the token."""
+        return str(self._call("identify the token's user", lambda: self._sdk.users.whoami()).email)
 
     # ---------------------------------------------------------------------------------------- projects
 
@@ -463,53 +475,65 @@ class LabelStudioClient:
         }
         where = f"s3://{bucket}/{wanted['prefix']}"
 
-        def ensure_once() -> int:
-            storages = sorted(
-                (s for s in self._sdk.import_storage.s3.list(project=project.id) if s.bucket == bucket),
-                key=lambda s: int(s.id),
-            )
-            if not storages:
-                created = self._sdk.import_storage.s3.create(
-                    project=project.id,
-                    title=where[:256],
-                    description="bayescurate: task images by reference (never synchronised)",
-                    use_blob_urls=True,
-                    synchronizable=False,
-                    **wanted,
-                    **secrets,
-                )
-                return int(created.id)
-            keep = storages[0]
-            current = {k: getattr(keep, k) or None for k in ("s3endpoint", "region_name")}
-            current |= {"presign": keep.presign, "presign_ttl": keep.presign_ttl}
-            changed = {k: wanted[k] for k in current if current[k] != wanted[k]}
-            if changed or "aws_session_token" in secrets:
-                self._sdk.import_storage.s3.update(int(keep.id), **changed, **secrets)
-            return int(keep.id)
-
         def ensure() -> int:
             try:
-                return ensure_once()
+                return self._ensure_s3_once(project, where, wanted, secrets)
             except ApiError as exc:
-                body = _redacted(str(exc.body), secrets.values())  # an echoed request carries the secrets
-                if exc.status_code == 500 and "s3 endpoints on domain" in body:
-                    # Label Studio hides the store's answer for endpoints off its S3_TRUSTED_STORAGE_DOMAINS
-                    # and answers 500: not an outage to sit out, a storage it cannot use.
-                    raise LabelStudioError(
-                        f"Label Studio at {self.url} could not use {where!r} (endpoint "
-                        f"{wanted['s3endpoint'] or 'its default'}) for project {project.title!r}: the bucket "
-                        "or an object under the prefix is missing, the credentials are refused, or the "
-                        "endpoint is unreachable from Label Studio's host (its log has the reason)"
-                    ) from None
-                if exc.status_code == 403 and "URL" in body:  # SSRF protection refused the endpoint
-                    raise LabelStudioError(
-                        f"Label Studio at {self.url} refused the endpoint {wanted['s3endpoint']!r} of "
-                        f"{where!r} for project {project.title!r}: a loopback or private address needs "
-                        "SSRF_PROTECTION_ENABLED=false on the Label Studio server"
-                    ) from None
-                raise ApiError(status_code=exc.status_code, headers=exc.headers, body=body) from None
+                raise self._s3_storage_error(exc, project, where, wanted, secrets) from None
 
         return self._call(f"ensure the S3 storage {where!r} of project {project.title!r}", ensure)
+
+    def _ensure_s3_once(
+        self, project: Project, where: str, wanted: dict[str, Any], secrets: dict[str, str]
+    ) -> int:
+        """One try of `ensure_s3_storage`: create the bucket's storage, or keep its first one (updated in
+        place when its settings differ from `wanted` or the credentials are temporary)."""
+        bucket = wanted["bucket"]
+        storages = sorted(
+            (s for s in self._sdk.import_storage.s3.list(project=project.id) if s.bucket == bucket),
+            key=lambda s: int(s.id),
+        )
+        if not storages:
+            created = self._sdk.import_storage.s3.create(
+                project=project.id,
+                title=where[:256],
+                description="bayescurate: task images by reference (never synchronised)",
+                use_blob_urls=True,
+                synchronizable=False,
+                **wanted,
+                **secrets,
+            )
+            return int(created.id)
+        keep = storages[0]
+        current = {k: getattr(keep, k) or None for k in ("s3endpoint", "region_name")}
+        current |= {"presign": keep.presign, "presign_ttl": keep.presign_ttl}
+        changed = {k: wanted[k] for k in current if current[k] != wanted[k]}
+        if changed or "aws_session_token" in secrets:
+            self._sdk.import_storage.s3.update(int(keep.id), **changed, **secrets)
+        return int(keep.id)
+
+    def _s3_storage_error(
+        self, exc: ApiError, project: Project, where: str, wanted: dict[str, Any], secrets: dict[str, str]
+    ) -> Exception:
+        """What to raise for Label Studio's refusal of an S3 storage: the reason named where Label Studio
+        hides it, else the error with any echoed secret starred out (a 5xx still retried by `_call`)."""
+        body = _redacted(str(exc.body), secrets.values())  # an echoed request carries the secrets
+        if exc.status_code == 500 and "s3 endpoints on domain" in body:
+            # Label Studio hides the store's answer for endpoints off its S3_TRUSTED_STORAGE_DOMAINS
+            # and answers 500: not an outage to sit out, a storage it cannot use.
+            return LabelStudioError(
+                f"Label Studio at {self.url} could not use {where!r} (endpoint "
+                f"{wanted['s3endpoint'] or 'its default'}) for project {project.title!r}: the bucket "
+                "or an object under the prefix is missing, the credentials are refused, or the "
+                "endpoint is unreachable from Label Studio's host (its log has the reason)"
+            )
+        if exc.status_code == 403 and "URL" in body:  # SSRF protection refused the endpoint
+            return LabelStudioError(
+                f"Label Studio at {self.url} refused the endpoint {wanted['s3endpoint']!r} of "
+                f"{where!r} for project {project.title!r}: a loopback or private address needs "
+                "SSRF_PROTECTION_ENABLED=false on the Label Studio server"
+            )
+        return ApiError(status_code=exc.status_code, headers=exc.headers, body=body)
 
     def ensure_view(
         self,
@@ -944,7 +968,8 @@ class LabelStudioClient:
         if status in (401, 403):
             raise LabelStudioAuthError(
                 f"Label Studio at {self.url} refused the API token (HTTP {status}) to {what}; "
-                "check the token file (`bayescurate services status`) or LABEL_STUDIO_API_KEY"
+                f"check {self.token_from} (`bayescurate services status` shows the server and token "
+                "commands use)"
             ) from None
         if status == 404:
             raise LabelStudioNotFound(f"Label Studio at {self.url}: not found (HTTP 404) to {what}") from None

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from jobs._app import ConfigCommand
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.experiments.synthetic_world import WorldSizes, build_world
 from pipeline.io import storage
 from pipeline.models.synthetic import SyntheticAdapter  # noqa: F401 - its old home
@@ -33,17 +35,19 @@ from pipeline.rounds.config import Trainer
 class BenchRoundConfig(Config):
     """Sizes of the round-latency benchmark (the defaults are the reported ViT-B/32 case)."""
 
-    out: str = "out/bench/round"  # work directory and report
-    pool: int = 100_000  # pool rows
-    targets: int = 256  # unlabelled target rows (EPIG's target set)
-    classes: int = 10  # classes
-    d: int = 768  # image activation width (a bias column is appended)
-    dt: int = 512  # text activation width
+    out: str = Field("out/bench/round", json_schema_extra={"metavar": "DIR"})  # work directory and report
+    pool_size: Annotated[int, Renamed("pool")] = 100_000  # pool rows
+    num_targets: Annotated[int, Renamed("targets")] = 256  # unlabelled target rows (EPIG's target set)
+    num_classes: Annotated[int, Renamed("classes")] = 10  # classes
+    image_width: Annotated[int, Renamed("d")] = 768  # image activation width without the bias column, which
+    # is appended
+    text_width: Annotated[int, Renamed("dt")] = 512  # text activation width
     dim: int = 512  # embedding dimension D
     budget: int = 100  # picks per round, and labels arriving
     draws: int = 64  # joint posterior draws
     neighbours: int = 20  # pool neighbours per target (targeted candidates)
-    pairs: int = 8192  # synthetic pairs behind the starting posterior's factors
+    num_pairs: Annotated[int, Renamed("pairs")] = 8192  # synthetic pairs behind the starting posterior's
+    # factors
     selections: tuple[str, ...] = ("float64:1", "float32:10", "float32:25")  # batch selections timed with
     # the in-process re-fit, each "precision:picks_per_step" (float64:1 is the exact greedy batch)
     ray_selection: str | None = "float32:10"  # the selection of one more campaign, re-fitted by Ray Train
@@ -52,15 +56,16 @@ class BenchRoundConfig(Config):
     quick: bool = False  # tiny sizes for the test suite (seconds)
 
 
-QUICK = {"pool": 600, "targets": 24, "classes": 4, "d": 24, "dt": 16, "dim": 12, "budget": 6, "draws": 8}
-QUICK |= {"pairs": 512, "neighbours": 10, "selections": ("float64:1",), "ray_selection": None}
+QUICK = {"pool_size": 600, "num_targets": 24, "num_classes": 4, "image_width": 24, "text_width": 16}
+QUICK |= {"dim": 12, "budget": 6, "draws": 8, "num_pairs": 512, "neighbours": 10}
+QUICK |= {"selections": ("float64:1",), "ray_selection": None}
 
 
 def build(cfg: BenchRoundConfig, work: Path) -> dict[str, Any]:
     """The synthetic posterior, pool, targets, truth and image corpus (skipped when already there)."""
     sizes = WorldSizes(
-        pool=cfg.pool, targets=cfg.targets, classes=cfg.classes, d=cfg.d, dt=cfg.dt, dim=cfg.dim,
-        pairs=cfg.pairs, seed=cfg.seed,
+        pool=cfg.pool_size, targets=cfg.num_targets, classes=cfg.num_classes, d=cfg.image_width,
+        dt=cfg.text_width, dim=cfg.dim, pairs=cfg.num_pairs, seed=cfg.seed,
     )  # fmt: skip
     return dict(build_world(work, sizes))
 
@@ -73,6 +78,7 @@ def _campaign(
     from jobs.annotate_bot import bot_session, read_truth
     from pipeline.rounds import campaign
     from pipeline.rounds.config import CampaignConfig
+    from pipeline.rounds.layout import CampaignDir
 
     precision, _, per_step = selection.partition(":")
     stamp = hashlib.sha256(f"{work.absolute()}{time.time()}".encode()).hexdigest()[:6]
@@ -82,7 +88,7 @@ def _campaign(
     camp = CampaignConfig(
         pool=data["pool"], targets=data["targets"], classes=data["classes"], posterior=data["posterior"],
         budget=cfg.budget, draws=cfg.draws, neighbours=cfg.neighbours, seed=cfg.seed, max_rounds=2,
-        label_source="label-studio", project=project, state_dir=cfg.state_dir, trainer=trainer,
+        label_source="label-studio", project=project, state_dir=cfg.state_dir, executor=trainer,
         tracking=False, precision=precision, picks_per_step=int(per_step or 1),
     )  # fmt: skip
     quiet = lambda _: None  # noqa: E731
@@ -100,7 +106,7 @@ def _campaign(
     report = campaign.step(str(directory), log=quiet)  # labels in -> next batch in Label Studio
     t4 = time.perf_counter()
     first, second = report.state.rounds[0], report.state.rounds[1]
-    picks = storage.read_parquet(storage.join(directory, "rounds", "000", "picks.parquet"))
+    round0_picks = CampaignDir(str(directory)).round(0).picked_ids()
     steps = {
         "collect": first.timings.get("collect", 0.0),
         "train": first.timings.get("train", 0.0),
@@ -122,9 +128,9 @@ def _campaign(
         "other_s": (t4 - t3) - sum(steps.values()),
         "train_steps": first.train.get("steps_run"),
         "labels": first.labels_used,
-        "candidates": second.counts.get("candidates"),
-        "picked": second.picks,
-        "round0_picks": picks.column("sample_id").to_pylist(),
+        "candidates": second.counts.selection.candidates,
+        "picked": second.picked,
+        "round0_picks": round0_picks,
     }
 
 
@@ -168,7 +174,8 @@ def run(cfg: BenchRoundConfig) -> int:
 def summary(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        f"pool {c['pool']}, targets {c['targets']}, d {c['d']}+1, D {c['dim']}, {c['classes']} classes, "
+        f"pool {c['pool_size']}, targets {c['num_targets']}, d {c['image_width']}+1, D {c['dim']}, "
+        f"{c['num_classes']} classes, "
         f"budget {c['budget']}, {c['draws']} draws",
         "",
         "| re-fit | selection | collect | train | update | re-score | select | push | other "

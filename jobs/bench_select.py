@@ -20,25 +20,28 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from jobs._app import ConfigCommand
-from pipeline.config import Config
+from pipeline.config import Config, Renamed
 from pipeline.io import storage
 
 
 class BenchSelectConfig(Config):
     """Sizes of the greedy-selection benchmark."""
 
-    d: int = 769  # image activation width (ViT-B/32: 768 + the bias column)
-    D: int = 512  # embedding dimension
+    image_width: Annotated[int, Renamed("d", lambda d: d - 1)] = 768  # image activation width without the
+    # bias column, which is appended (ViT-B/32: 768; the old --d counted the bias column)
+    dim: Annotated[int, Renamed("D")] = 512  # embedding dimension D
     text_width: int = 512  # text activation width
-    classes: int = 10  # class prompts C
+    num_classes: Annotated[int, Renamed("classes")] = 10  # class prompts C
     draws: int = 64  # joint posterior draws K
     candidates: tuple[int, ...] = (2000, 5000)  # pool sizes Np of the per-pick comparison
-    targets: int = 256  # EPIG target points Nt
+    num_targets: Annotated[int, Renamed("targets")] = 256  # EPIG target points Nt
     budget: int = 20  # picks of the fast path
-    reference_budget: int | None = None  # picks of the plain loop (None: budget); it is the slow one
+    reference_budget: int | None = None  # picks of the plain loop, the slow one (default: --budget)
     paired_steps: int = 5  # steps timed alternately (fast step, then plain step) for a load-robust ratio
     dtypes: tuple[str, ...] = ("float64", "float32")  # dtypes of weights and activations
     damping: str = "paper"  # posterior damping (paper or exact)
@@ -47,10 +50,17 @@ class BenchSelectConfig(Config):
     memory_pools: tuple[int, ...] = (10000, 40000)  # pool sizes of the streaming-memory measurement
     memory_dtype: str = "float32"  # dtype of the memory measurement
     repeats: int = 3  # repeats of each component timing (the minimum is reported)
-    threads: int | None = None  # torch CPU threads (None: torch's default)
+    threads: int | None = None  # torch CPU threads (default: torch's own choice)
     seed: int = 0  # seed of the synthetic data
     quick: bool = False  # a small smoke run (tests): tiny sizes
-    out: str = "out/bench/select.json"  # where the JSON results are written
+    out: str = Field(
+        "out/bench/select.json", json_schema_extra={"metavar": "FILE"}
+    )  # where the JSON results are written
+
+    @property
+    def acts_width(self) -> int:
+        """The image activations' width d, the bias column included."""
+        return self.image_width + 1
 
     def effective(self) -> BenchSelectConfig:
         """The configuration actually run: `quick` shrinks everything."""
@@ -58,13 +68,13 @@ class BenchSelectConfig(Config):
             return self
         return self.model_copy(
             update={
-                "d": 33,
-                "D": 16,
+                "image_width": 32,
+                "dim": 16,
                 "text_width": 16,
-                "classes": 4,
+                "num_classes": 4,
                 "draws": 8,
                 "candidates": (300,),
-                "targets": 20,
+                "num_targets": 20,
                 "budget": 4,
                 "reference_budget": None,
                 "paired_steps": 2,
@@ -98,13 +108,13 @@ def synthetic_head(cfg: BenchSelectConfig, dtype: Any) -> Any:
         n = 4 * width
         acts = torch.randn(n, width, generator=g, dtype=torch.float64)
         acts[:, -1] = 1.0  # bias column
-        emb = torch.randn(n, cfg.D, generator=g, dtype=torch.float64)
-        text = torch.randn(64, cfg.D, generator=g, dtype=torch.float64)
+        emb = torch.randn(n, cfg.dim, generator=g, dtype=torch.float64)
+        text = torch.randn(64, cfg.dim, generator=g, dtype=torch.float64)
         factors = KronFactors.from_batch(acts, infonce_ggn(emb, text, cfg.scale))
-        weight = torch.randn(cfg.D, width, generator=g, dtype=torch.float64) / math.sqrt(width)
+        weight = torch.randn(cfg.dim, width, generator=g, dtype=torch.float64) / math.sqrt(width)
         return KronPosterior(factors, weight.to(dtype), 1.0, damping=cfg.damping)
 
-    return BayesHead(posterior(cfg.d), posterior(cfg.text_width), scale=cfg.scale)
+    return BayesHead(posterior(cfg.acts_width), posterior(cfg.text_width), scale=cfg.scale)
 
 
 def synthetic_acts(n: int, width: int, seed: int, dtype: Any) -> Any:
@@ -132,9 +142,9 @@ def synthetic_problem(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> t
 
     dtype = _dtype(dtype_name)
     head = synthetic_head(cfg, dtype)
-    pool = synthetic_acts(n_pool, cfg.d, cfg.seed + 1, dtype)
-    targets = synthetic_acts(cfg.targets, cfg.d, cfg.seed + 2, dtype)
-    text = torch.randn(cfg.classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
+    pool = synthetic_acts(n_pool, cfg.acts_width, cfg.seed + 1, dtype)
+    targets = synthetic_acts(cfg.num_targets, cfg.acts_width, cfg.seed + 2, dtype)
+    text = torch.randn(cfg.num_classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
     text = text.to(dtype)
     return head, pool, targets, text
 
@@ -168,11 +178,11 @@ def compare(cfg: BenchSelectConfig, dtype_name: str, n_pool: int) -> dict[str, A
         "damping": cfg.damping,
         "method": cfg.method,
         "candidates": n_pool,
-        "targets": cfg.targets,
-        "d": cfg.d,
-        "D": cfg.D,
+        "targets": cfg.num_targets,
+        "d": cfg.acts_width,
+        "D": cfg.dim,
         "K": cfg.draws,
-        "C": cfg.classes,
+        "C": cfg.num_classes,
         "budget": cfg.budget,
         "reference_budget": ref_budget,
         "fast_s_per_pick": t_fast / cfg.budget,
@@ -192,44 +202,30 @@ def paired_steps(
 ) -> dict[str, Any]:
     """The two greedy loops side by side, one step of each in turn, each step timed.
 
-    Both loops are written out here (the fast one as `select_batch` runs it, the plain one as
-    `select_batch_reference`) so that a step of one is always timed next to the same step of the other:
+    The loops are the library's, a step at a time (`greedy_steps` is `select_batch`, `greedy_steps_reference`
+    is `select_batch_reference`), so that a step of one is always timed next to the same step of the other:
     the median of the per-step ratios is robust to other load on the machine, which whole-loop timings are
-    not. The picks of the two must agree.
+    not. Their set-up is not timed. The picks of the two must agree.
     """
     import torch
 
-    from pipeline.bayes.acquisition import JointDraws, condition_on_unlabelled, epig, ggn_root
+    from pipeline.bayes.acquisition import greedy_steps, greedy_steps_reference
 
-    k, seed = cfg.draws, 0
-    joint = JointDraws(head, text, k, torch.Generator().manual_seed(seed))
-    text_mean, _ = head.text_embeddings(text)
-    posterior, plain_head = head.image, head
+    kwargs: dict[str, Any] = {"method": cfg.method, "target_acts": targets, "k": cfg.draws}
+    fast = greedy_steps(head, pool, text, steps, generator=torch.Generator().manual_seed(0), **kwargs)
+    plain = greedy_steps_reference(
+        head, pool, text, steps, generator=torch.Generator().manual_seed(0), **kwargs
+    )
     fast_s, plain_s, same = [], [], True
-    picked_fast: list[int] = []
-    picked_plain: list[int] = []
-
-    def pick(scores: Any, picked: list[int]) -> int:
-        if picked:
-            scores[torch.tensor(picked)] = -torch.inf
-        picked.append(int(scores.argmax()))
-        return picked[-1]
-
     for _ in range(steps):
         start = time.perf_counter()
-        best = pick(joint.scores(posterior, pool, method=cfg.method, target_acts=targets), picked_fast)
-        emb, _ = head.image_embeddings(pool[best : best + 1])
-        root = ggn_root(head.likelihood, emb, text_mean, head.scale, head.bias)
-        posterior = posterior.update_low_rank(pool[best : best + 1], root)
+        picked_fast = next(fast)
         fast_s.append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed)
-        probs, probs_target = plain_head.sample_probs([pool, targets], text, k, gen)
-        best_plain = pick(epig(probs, probs_target, chunk_size=256), picked_plain)  # the old default chunk
-        plain_head = condition_on_unlabelled(plain_head, pool[best_plain : best_plain + 1], text)
+        picked_plain = next(plain)
         plain_s.append(time.perf_counter() - start)
-        same = same and best == best_plain
+        same = same and picked_fast.indices == picked_plain.indices
     ratios = [p / f for p, f in zip(plain_s, fast_s, strict=True)]
     return {
         "paired_steps": steps,
@@ -322,15 +318,15 @@ def streaming_memory(cfg: BenchSelectConfig) -> list[dict[str, Any]]:
 
     dtype = _dtype(cfg.memory_dtype)
     head = synthetic_head(cfg, dtype)
-    targets = synthetic_acts(cfg.targets, cfg.d, cfg.seed + 2, dtype)
-    text = torch.randn(cfg.classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
+    targets = synthetic_acts(cfg.num_targets, cfg.acts_width, cfg.seed + 2, dtype)
+    text = torch.randn(cfg.num_classes, cfg.text_width, generator=torch.Generator().manual_seed(cfg.seed + 3))
     text = text.to(dtype)
     rows = []
     with torch.inference_mode():
-        small = synthetic_acts(64, cfg.d, cfg.seed, dtype)
+        small = synthetic_acts(64, cfg.acts_width, cfg.seed, dtype)
         score_pool(head, small, text, target_acts=targets, k=cfg.draws)  # warm-up: allocator, thread pools
         for n_pool in cfg.memory_pools:
-            pool = synthetic_acts(n_pool, cfg.d, cfg.seed + 1, dtype)
+            pool = synthetic_acts(n_pool, cfg.acts_width, cfg.seed + 1, dtype)
             gc.collect()
             start = time.perf_counter()
             with _peak_rss() as mem:
@@ -343,7 +339,7 @@ def streaming_memory(cfg: BenchSelectConfig) -> list[dict[str, Any]]:
                     "inputs_mb": pool.numel() * pool.element_size() / 2**20,
                     "scores_mb": scores.numel() * scores.element_size() / 2**20,
                     # what the unchunked path would hold for the pool's probabilities alone
-                    "unchunked_probs_mb": n_pool * cfg.draws * cfg.classes * pool.element_size() / 2**20,
+                    "unchunked_probs_mb": n_pool * cfg.draws * cfg.num_classes * pool.element_size() / 2**20,
                     "peak_above_start_mb": mem["peak_mb"] - mem["start_mb"],
                 }
             )

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -31,6 +32,9 @@ from jobs._app import ConfigCommand, subcommands
 from pipeline.config import Config
 from pipeline.rounds.config import CampaignConfig
 from pipeline.rounds.lease import LeaseHeld
+
+if TYPE_CHECKING:
+    from pipeline.rounds.status import CampaignStatus
 
 LEASE_HELD = 3
 SERVICE_UNAVAILABLE = 4
@@ -136,7 +140,7 @@ def run_init(cfg: InitConfig) -> int:
     campaign = CampaignConfig.model_validate(fields)
     secret = None
     if campaign.webhook:
-        from pipeline.rounds.serve import read_secret
+        from pipeline.rounds.webhook import read_secret
 
         secret = read_secret(cfg.secret_file)
     init(cfg.dir, campaign, webhook_secret=secret)
@@ -165,11 +169,11 @@ def run_run(cfg: RunConfig) -> int:
 
 def run_status(cfg: StatusConfig) -> int:
     """Rounds, label counts and evaluation metrics; what the campaign waits for (`--json` for scripts)."""
-    from pipeline.rounds.campaign import status
+    from pipeline.rounds.status import status
 
     report = status(cfg.dir)
     if cfg.as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report.to_json(), indent=2, default=str))
         return 0
     print(format_status(report))
     return 0
@@ -178,7 +182,8 @@ def run_status(cfg: StatusConfig) -> int:
 def run_serve(cfg: ServeConfig) -> int:
     """Serve Label Studio's annotation webhooks for the campaign: each event (with the shared secret) steps
     it, one step at a time; GET /health for probes. Stops on SIGTERM or SIGINT after the running step."""
-    from pipeline.rounds.serve import HEALTH_PATH, WEBHOOK_PATH, WebhookServer, read_secret
+    from pipeline.rounds.serve import HEALTH_PATH, WEBHOOK_PATH, WebhookServer
+    from pipeline.rounds.webhook import read_secret
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -226,53 +231,50 @@ def run_serve(cfg: ServeConfig) -> int:
     return code
 
 
-def format_status(report: dict) -> str:
+def format_status(report: CampaignStatus) -> str:
     lines = [
-        f"campaign {report['directory']}: {report['rounds_completed']} rounds done, labels from "
-        f"{report['label_source']}, {report['method']} x {report['budget']} a round"
+        f"campaign {report.directory}: {report.rounds_completed} rounds done, labels from "
+        f"{report.label_source.value}, {report.method.value} x {report.budget} a round"
     ]
     header = f"{'round':>5}  {'state':<10} {'tasks':>5} {'answered':>8} {'labels':>6} {'used':>5}"
     header += (
         f"  {'MAP acc':>7} {'Bayes acc':>9} {'MAP ECE':>7} {'Bayes ECE':>9} {'MAP NLL':>7} {'Bayes NLL':>9}"
     )
     lines.append(header)
-    base = report.get("baseline") or {}
-    if base.get("MAP"):
-        m, b = base["MAP"], base["Bayes"]
-        lines.append(
-            f"{'start':>5}  {'':<10} {'':>5} {'':>8} {'':>6} {0:>5}  {m['accuracy']:>7.3f} "
-            f"{b['accuracy']:>9.3f} {m['ece']:>7.3f} {b['ece']:>9.3f} {m['nll']:>7.3f} {b['nll']:>9.3f}"
-        )
-    for r in report["rounds"]:
-        c = r["labels"]
-        row = f"{r['round']:>5}  {r['state']:<10} {c.get('tasks', 0):>5} {c.get('answered', 0):>8} "
-        row += f"{c.get('labelled', 0):>6} {r['labels_used']:>5}"
-        if r["metrics"].get("MAP"):
-            m, b = r["metrics"]["MAP"], r["metrics"]["Bayes"]
-            row += (
-                f"  {m['accuracy']:>7.3f} {b['accuracy']:>9.3f} {m['ece']:>7.3f} {b['ece']:>9.3f} "
-                f"{m['nll']:>7.3f} {b['nll']:>9.3f}"
-            )
-        lines.append(row)
-    worst = report.get("worst_classes") or {}
-    if worst.get("classes"):
-        when = "at the start" if worst.get("round") is None else f"after round {worst['round']}"
+    if report.baseline.get("MAP"):
+        lines.append(f"{'start':>5}  {'':<10} {'':>5} {'':>8} {'':>6} {0:>5}" + _metrics(report.baseline))
+    for r in report.rounds:
+        labelled = r.counts.labels.labelled if r.counts.labels else 0
+        row = f"{r.index:>5}  {r.state.value:<10} {r.counts.selection.tasks:>5} {r.counts.answered:>8} "
+        row += f"{labelled:>6} {r.labels_used:>5}"
+        lines.append(row + (_metrics(r.metrics) if r.metrics.get("MAP") else ""))
+    if report.worst_classes:
+        when = "at the start" if report.worst_round is None else f"after round {report.worst_round}"
         named = ", ".join(
             f"{c['class']} {c['Bayes']:.2f}"
             + (f" (start {c['Bayes_start']:.2f})" if c.get("Bayes_start") is not None else "")
-            for c in worst["classes"]
+            for c in report.worst_classes
         )
         lines.append(f"worst classes, Bayes recall on the evaluation set {when}: {named}")
-    if report.get("waiting"):
-        lines.append(f"waiting: {report['waiting']}")
-    if report.get("lease"):
-        lease = report["lease"]
+    if report.waiting:
+        lines.append(f"waiting: {report.waiting}")
+    if report.lease:
+        lease = report.lease
         lines.append(
             f"being stepped now by pid {lease.get('pid')} on {lease.get('host')} since {lease.get('since')}"
         )
-    if report.get("mlflow"):
-        lines.append(f"MLflow: {report['mlflow']}")
+    if report.mlflow:
+        lines.append(f"MLflow: {report.mlflow}")
     return "\n".join(lines)
+
+
+def _metrics(m: dict[str, Any]) -> str:
+    """MAP and Bayes accuracy, ECE and NLL: the status table's right-hand columns."""
+    a, b = m["MAP"], m["Bayes"]
+    return (
+        f"  {a['accuracy']:>7.3f} {b['accuracy']:>9.3f} {a['ece']:>7.3f} {b['ece']:>9.3f} "
+        f"{a['nll']:>7.3f} {b['nll']:>9.3f}"
+    )
 
 
 init_command = ConfigCommand(InitConfig, leased(run_init), "bayescurate campaign init", positional=("dir",))

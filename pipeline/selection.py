@@ -400,6 +400,35 @@ def _ranked(
     return order, [float(scores[i]) for i in order], dropped, floored
 
 
+def candidate_problem(
+    head: BayesHead,
+    text: Activations,
+    pool: EmbeddingSet,
+    settings: SelectionSettings,
+    *,
+    targets: EmbeddingSet | None = None,
+) -> tuple[Problem, EmbeddingSet]:
+    """What `choose` scores, and the candidate rows: with `targets`, the pool narrowed to each target's
+    `neighbours` nearest rows (unless `whole_pool`) and at most `max_targets` of the targets (a subset drawn
+    with `settings.seed`); the candidates' probit predictive; the generator the scorers draw from.
+
+    `SCORERS[settings.method](problem, mode)` then gives the scores a batch of `mode` ranks by.
+    """
+    gen = torch.Generator().manual_seed(settings.seed)
+    target_rows = None
+    if targets is not None and len(targets) > 0:
+        if not settings.whole_pool:
+            k = min(settings.neighbours, len(pool))
+            pool = pool.take(candidates(pool.mean, pool.var, targets.mean, targets.var, k, settings.metric))
+        if len(targets) > settings.max_targets:
+            targets = targets.take(
+                torch.randperm(len(targets), generator=gen)[: settings.max_targets].sort().values
+            )
+        target_rows = targets.inputs
+    logits = head.logits(pool.acts, text.acts, image_offset=pool.offsets, text_offset=text.offsets)
+    return Problem(head, text, pool.inputs, target_rows, logits.probit(), settings, gen), pool
+
+
 def choose(
     head: BayesHead,
     text: Activations,
@@ -423,20 +452,8 @@ def choose(
     settings = settings if seed is None else settings.model_copy(update={"seed": seed})
     mode = resolved_batch(settings)
     check_batch(settings, mode)
-    gen = torch.Generator().manual_seed(settings.seed)
-    target_rows = None
-    if targets is not None and len(targets) > 0:
-        if not settings.whole_pool:
-            k = min(settings.neighbours, len(pool))
-            pool = pool.take(candidates(pool.mean, pool.var, targets.mean, targets.var, k, settings.metric))
-        if len(targets) > settings.max_targets:
-            targets = targets.take(
-                torch.randperm(len(targets), generator=gen)[: settings.max_targets].sort().values
-            )
-        target_rows = targets.inputs
+    problem, pool = candidate_problem(head, text, pool, settings, targets=targets)
     budget = min(settings.budget, len(pool))
-    logits = head.logits(pool.acts, text.acts, image_offset=pool.offsets, text_offset=text.offsets)
-    problem = Problem(head, text, pool.inputs, target_rows, logits.probit(), settings, gen)
     duplicates = floored = 0
     if mode is BatchMode.GREEDY:
         indices, scores = _greedy(problem, budget)

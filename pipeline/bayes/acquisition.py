@@ -14,6 +14,7 @@ reproduces.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -431,6 +432,45 @@ def select_batch(
     pool_acts [Np, d], text_acts [C, dt] (one row per class prompt), target_acts [Nt, d];
     offsets [N, D] as in `BayesHead`. Returns `Selection(indices, scores)` with `len == budget`.
     """
+    return _joined(
+        greedy_steps(
+            head,
+            pool_acts,
+            text_acts,
+            budget,
+            method=method,
+            target_acts=target_acts,
+            k=k,
+            generator=generator,
+            pool_offsets=pool_offsets,
+            text_offset=text_offset,
+            target_offsets=target_offsets,
+            chunk_size=chunk_size,
+            picks_per_step=picks_per_step,
+        )
+    )
+
+
+def greedy_steps(
+    head: BayesHead,
+    pool_acts: Tensor,
+    text_acts: Tensor,
+    budget: int,
+    *,
+    method: Method | str = Method.EPIG,
+    target_acts: Tensor | None = None,
+    k: int = 64,
+    generator: torch.Generator | None = None,
+    pool_offsets: Tensor | None = None,
+    text_offset: Tensor | None = None,
+    target_offsets: Tensor | None = None,
+    chunk_size: int = 256,
+    picks_per_step: int = 1,
+) -> Iterator[Selection]:
+    """`select_batch` a step at a time: each step conditions on the previous step's picks, scores the pool
+    and yields its own picks (`picks_per_step`, fewer at the end) with their scores, until `budget` are
+    picked. The checks and what every step shares (`JointDraws`) are done at the call, so the steps alone
+    can be timed (`bench select` times them against `greedy_steps_reference`'s)."""
     method = Method(method)
     _check_selection(pool_acts.shape[0], budget, k)
     if picks_per_step < 1:
@@ -441,34 +481,45 @@ def select_batch(
         head, text_acts, k, torch.Generator(device="cpu").manual_seed(joint_seed(generator)), text_offset
     )
     text_mean, _ = head.text_embeddings(text_acts, offset=text_offset)  # GGN targets   [C, D]
-    posterior = head.image
+
+    def steps() -> Iterator[Selection]:
+        posterior = head.image
+        picked: list[int] = []
+        while len(picked) < budget:
+            step_scores = joint.scores(
+                posterior,
+                pool_acts,
+                method=method,
+                target_acts=target_acts,
+                pool_offsets=pool_offsets,
+                target_offsets=target_offsets,
+                chunk_size=chunk_size,
+            )  # [Np]
+            if picked:
+                step_scores[torch.tensor(picked)] = -torch.inf
+            take = min(picks_per_step, budget - len(picked))
+            order = torch.argsort(step_scores, descending=True, stable=True)[:take]
+            picked.extend(int(i) for i in order)
+            yield Selection([int(i) for i in order], [float(step_scores[i]) for i in order])
+            if len(picked) < budget:
+                # Condition on the step's m picks at once: the factors gain Σ a aᵀ and Σ G either way, and
+                # one update of rank m is cheaper than m of rank one.
+                acts = pool_acts[order]  # [m, d]
+                embedding, _ = head.image_embeddings(
+                    acts, offset=None if pool_offsets is None else pool_offsets[order]
+                )  # the picks' mean embeddings under P̂ (the posterior mean does not move)   [m, D]
+                root = ggn_root(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, m·C]
+                posterior = posterior.update_low_rank(acts, root)
+
+    return steps()
+
+
+def _joined(steps: Iterator[Selection]) -> Selection:
     picked: list[int] = []
     scores: list[float] = []
-    while len(picked) < budget:
-        step_scores = joint.scores(
-            posterior,
-            pool_acts,
-            method=method,
-            target_acts=target_acts,
-            pool_offsets=pool_offsets,
-            target_offsets=target_offsets,
-            chunk_size=chunk_size,
-        )  # [Np]
-        if picked:
-            step_scores[torch.tensor(picked)] = -torch.inf
-        take = min(picks_per_step, budget - len(picked))
-        order = torch.argsort(step_scores, descending=True, stable=True)[:take]
-        picked.extend(int(i) for i in order)
-        scores.extend(float(step_scores[i]) for i in order)
-        if len(picked) < budget:
-            # Condition on the step's m picks at once: the factors gain Σ a aᵀ and Σ G either way, and one
-            # update of rank m is cheaper than m of rank one.
-            acts = pool_acts[order]  # [m, d]
-            embedding, _ = head.image_embeddings(
-                acts, offset=None if pool_offsets is None else pool_offsets[order]
-            )  # the picks' mean embeddings under P̂ (the posterior mean does not move)   [m, D]
-            root = ggn_root(head.likelihood, embedding, text_mean, head.scale, head.bias)  # [D, m·C]
-            posterior = posterior.update_low_rank(acts, root)
+    for step in steps:
+        picked.extend(step.indices)
+        scores.extend(step.scores)
     return Selection(indices=picked, scores=scores)
 
 
@@ -491,31 +542,65 @@ def select_batch_reference(
     Every step draws `P_k` and `Q_k` in full (`BayesHead.sample_probs`), scores the whole pool at once
     (memory [Np, k, C]) and rebuilds the conditioned posterior by eigh (`condition_on_unlabelled`).
     """
+    return _joined(
+        greedy_steps_reference(
+            head,
+            pool_acts,
+            text_acts,
+            budget,
+            method=method,
+            target_acts=target_acts,
+            k=k,
+            generator=generator,
+            pool_offsets=pool_offsets,
+            text_offset=text_offset,
+            target_offsets=target_offsets,
+        )
+    )
+
+
+def greedy_steps_reference(
+    head: BayesHead,
+    pool_acts: Tensor,
+    text_acts: Tensor,
+    budget: int,
+    *,
+    method: Method | str = Method.EPIG,
+    target_acts: Tensor | None = None,
+    k: int = 64,
+    generator: torch.Generator | None = None,
+    pool_offsets: Tensor | None = None,
+    text_offset: Tensor | None = None,
+    target_offsets: Tensor | None = None,
+) -> Iterator[Selection]:
+    """`select_batch_reference` a step at a time, as `greedy_steps` is `select_batch`'s."""
     method = Method(method)
     _check_selection(pool_acts.shape[0], budget, k)
     if target_acts is None:
         target_acts, target_offsets = pool_acts, pool_offsets
     seed = joint_seed(generator)
-    picked: list[int] = []
-    scores: list[float] = []
-    for _ in range(budget):
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        if method is Method.BALD:
-            (probs,) = head.sample_probs([pool_acts], text_acts, k, gen, [pool_offsets], text_offset)
-            step_scores = bald(probs)
-        else:
-            probs, probs_target = head.sample_probs(
-                [pool_acts, target_acts], text_acts, k, gen, [pool_offsets, target_offsets], text_offset
-            )
-            step_scores = epig(probs, probs_target)
-        if picked:
-            step_scores[torch.tensor(picked)] = -torch.inf
-        best = int(step_scores.argmax())
-        picked.append(best)
-        scores.append(float(step_scores[best]))
-        if len(picked) < budget:
-            offset = None if pool_offsets is None else pool_offsets[best : best + 1]
-            head = condition_on_unlabelled(
-                head, pool_acts[best : best + 1], text_acts, offsets=offset, text_offset=text_offset
-            )
-    return Selection(indices=picked, scores=scores)
+
+    def steps(head: BayesHead, target_acts: Tensor, target_offsets: Tensor | None) -> Iterator[Selection]:
+        picked: list[int] = []
+        for _ in range(budget):
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            if method is Method.BALD:
+                (probs,) = head.sample_probs([pool_acts], text_acts, k, gen, [pool_offsets], text_offset)
+                step_scores = bald(probs)
+            else:
+                probs, probs_target = head.sample_probs(
+                    [pool_acts, target_acts], text_acts, k, gen, [pool_offsets, target_offsets], text_offset
+                )
+                step_scores = epig(probs, probs_target)
+            if picked:
+                step_scores[torch.tensor(picked)] = -torch.inf
+            best = int(step_scores.argmax())
+            picked.append(best)
+            yield Selection([best], [float(step_scores[best])])
+            if len(picked) < budget:
+                offset = None if pool_offsets is None else pool_offsets[best : best + 1]
+                head = condition_on_unlabelled(
+                    head, pool_acts[best : best + 1], text_acts, offsets=offset, text_offset=text_offset
+                )
+
+    return steps(head, target_acts, target_offsets)

@@ -27,7 +27,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-import yaml
 
 from pipeline import runtime
 from pipeline.annotation import TaskRow
@@ -41,26 +40,28 @@ from pipeline.flows.pool_engine import PoolScoring, choose_from_pool, plan_pool,
 from pipeline.flows.select import selection_table
 from pipeline.io import faults, storage, tensors, vectors
 from pipeline.rounds import labels as labels_table
-from pipeline.rounds import lease, review
+from pipeline.rounds import lease, review, webhook
 from pipeline.rounds.config import OPERATIONAL_FIELDS, STREAM_ROWS, CampaignConfig, PoolEngine, Trainer
 from pipeline.rounds.data import ModelCache, Rows, load_rows, read_cache, write_cache
 from pipeline.rounds.evaluation import evaluate
-from pipeline.rounds.sources import LabelStudioSource, Source, make_source
+from pipeline.rounds.layout import CampaignDir, project_name, read_config, write_config
+from pipeline.rounds.sources import Source, WebhookSource, make_source
 from pipeline.rounds.state import (
-    CONFIG_FILE,
-    STATE_FILE,
     CampaignState,
     Round,
+    RoundCounts,
     RoundState,
+    SelectionCounts,
     read_state,
-    round_dir,
     write_state,
 )
+from pipeline.rounds.status import status as status  # re-exported: `campaign.status` as ever
 from pipeline.rounds.tracking import CampaignTracker
 from pipeline.runtime import Executor
-from pipeline.selection import Acquisition, Pick, SelectionSettings, choose, resolved_batch
+from pipeline.selection import Acquisition, EmbeddingSet, Pick, SelectionSettings, choose, resolved_batch
 from pipeline.stages.curate import recovered_offsets
 from pipeline.train.data import TrainData
+from pipeline.train.loop import RefitResult
 
 Log = Callable[[str], None]
 
@@ -69,21 +70,6 @@ ROWS_PER_SHARD = 16384  # pool rows per scoring shard of a streamed round (the u
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def campaign_name(directory: str) -> str:
-    return storage.resolve(directory)[1].rstrip("/").rsplit("/", 1)[-1]
-
-
-def read_config(directory: str) -> CampaignConfig:
-    path = storage.join(directory, CONFIG_FILE)
-    if not storage.is_file(path):
-        raise FileNotFoundError(f"{directory!r} is not a campaign directory (no {CONFIG_FILE})")
-    return CampaignConfig.model_validate(yaml.safe_load(storage.read_text(path)) or {})
-
-
-def _config_yaml(cfg: CampaignConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -98,10 +84,8 @@ def init(
     `webhook_secret` (default: `$BAYESCURATE_WEBHOOK_SECRET`); a re-run updates that one webhook in place.
     """
     if cfg.webhook and webhook_secret is None:
-        from pipeline.rounds.serve import read_secret
-
-        webhook_secret = read_secret()  # before anything is created
-    if storage.is_file(storage.join(directory, STATE_FILE)):
+        webhook_secret = webhook.read_secret()  # before anything is created
+    if CampaignDir(directory).initialised():
         existing = read_config(directory)
         changed = changed_fields(existing, cfg)
         defining = [k for k in changed if k not in OPERATIONAL_FIELDS]
@@ -112,12 +96,12 @@ def init(
             )
         if changed:
             with lease.acquire(directory, "campaign init"):
-                storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
+                write_config(directory, cfg)
             log(f"campaign {directory}: updated {', '.join(changed)}")
         if cfg.webhook:
             cache = read_cache(directory)
             source = make_source(cfg, cache.classes, directory, cache.label_column)
-            _register_webhook(source, cfg.webhook, webhook_secret, log)
+            _register_webhook(source, cfg.webhook, webhook_secret, project_name(cfg, directory), log)
         log(f"campaign {directory} exists with this configuration: nothing to do")
         return read_state(directory)
     with lease.acquire(directory, "campaign init"):
@@ -134,8 +118,8 @@ def init(
         source = make_source(cfg, cache.classes, directory, cache.label_column)
         source.check()
         if cfg.webhook:
-            _register_webhook(source, cfg.webhook, webhook_secret, log)
-        storage.write_text(storage.join(directory, CONFIG_FILE), _config_yaml(cfg))
+            _register_webhook(source, cfg.webhook, webhook_secret, campaign.name, log)
+        write_config(directory, cfg)
         parent = campaign.tracker.parent()
         state = write_state(directory, CampaignState(mlflow_run_id=parent, baseline=baseline))
         campaign.tracker.log_curve(parent, state)
@@ -146,17 +130,12 @@ def init(
         return state
 
 
-def _register_webhook(source: Source, url: str, secret: str | None, log: Log) -> None:
+def _register_webhook(source: Source, url: str, secret: str | None, project: str, log: Log) -> None:
     """The project's one webhook to `url` (`campaign serve`), carrying the shared secret; idempotent."""
-    from pipeline.rounds.serve import SECRET_HEADER, TRIGGERS
-
-    if not isinstance(source, LabelStudioSource) or not secret:
+    if not isinstance(source, WebhookSource) or not secret:
         raise ValueError(f"webhook {url!r} needs the label-studio label source and a shared secret")
-    project = source.ensure_project()
-    hook = source.client.ensure_webhook(
-        project, url, actions=tuple(TRIGGERS), headers={SECRET_HEADER: secret}
-    )
-    log(f"webhook {hook} of Label Studio project {project.title!r}: annotation events go to {url}")
+    hook = source.register_webhook(url, secret)
+    log(f"webhook {hook} of the {source.name} project {project!r}: annotation events go to {url}")
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -189,9 +168,10 @@ class Campaign:
 
     def __init__(self, directory: str, cfg: CampaignConfig | None = None, cache: ModelCache | None = None):
         self.directory = directory
-        self.cfg = cfg or read_config(directory)
+        self.dir = CampaignDir(directory)
+        self.cfg = cfg or self.dir.read_config()
         self.cache = cache or read_cache(directory)
-        self.name = self.cfg.project or campaign_name(directory)
+        self.name = project_name(self.cfg, directory)
         self.start_info = read_info(self.cfg.posterior)
         self.tracker = CampaignTracker(self.cfg, self.name)
         self._rows: dict[str, Rows] = {}
@@ -234,22 +214,36 @@ class Campaign:
             self._start_head = self.cache.head(self.cfg.posterior)
         return self._start_head
 
+    @property
+    def text(self) -> Activations:
+        """The class prompts as a head takes them (cached text activations and offsets)."""
+        return Activations(self.cache.text_acts, self.cache.text_offset)
+
+    def rescored(
+        self, head: Any, taken: frozenset[str] = frozenset()
+    ) -> tuple[EmbeddingSet, EmbeddingSet | None]:
+        """The pool rows not in `taken`, and the targets (None: none), with `head`'s Gaussian embeddings:
+        what an in-memory round chooses from."""
+        pool = self.pool()
+        keep = [i for i, sid in enumerate(pool.sample_ids) if sid not in taken]
+        targets = self.targets()
+        return (
+            pool.take(torch.tensor(keep, dtype=torch.long)).rescored(head),
+            None if targets is None else targets.rescored(head),
+        )
+
     def posterior_of(self, index: int) -> str:
         """The posterior round `index` selects with: the start, or the previous round's update."""
-        return (
-            self.cfg.posterior
-            if index == 0
-            else storage.join(round_dir(self.directory, index - 1), "posterior")
-        )
+        return self.cfg.posterior if index == 0 else self.dir.round(index - 1).posterior
 
     def evaluate(self, head: Any) -> tuple[dict[str, Any], bytes | None]:
         rows = self.eval_rows()
         if rows is None:
             return {}, None
-        column = self.cfg.eval_labels or self.cache.label_column
+        column = self.cfg.eval_label_column or self.cache.label_column
         if not column:
             raise ValueError(
-                "the evaluation set needs `eval_labels` (the classes file names no label column)"
+                "the evaluation set needs `eval_label_column` (the classes file names no label column)"
             )
         return evaluate(head, self.cache, rows, column, self.cfg.domain_column)
 
@@ -287,7 +281,7 @@ class Campaign:
             "seed": seed,
             "posterior_id": posterior_id,
             "start_posterior_id": self.cache.posterior_id,
-            "trainer": cfg.trainer.value,
+            "trainer": cfg.executor.value,
             "label_source": cfg.label_source.value,
             "engine": "stream" if self.streamed else "memory",
         }
@@ -295,19 +289,15 @@ class Campaign:
         table = selection_table(chosen.picks, index)
         for name, values in chosen.columns.items():
             table = table.append_column(name, pa.array(values))
-        storage.write_parquet(table, storage.join(round_dir(self.directory, index), "picks.parquet"))
+        storage.write_parquet(table, self.dir.round(index).picks)
         round_ = Round(
             index=index,
             state=RoundState.SELECTED,
             posterior_id=posterior_id,
-            picks=len(chosen.picks),
+            picked=len(chosen.picks),
             seed=seed,
             mlflow_run_id=run_id,
-            counts={
-                "tasks": len(chosen.picks),
-                "candidates": chosen.candidates,
-                "pool_left": chosen.pool_left,
-            },
+            counts=RoundCounts(SelectionCounts(len(chosen.picks), chosen.candidates, chosen.pool_left)),
             timings={"rescore": chosen.rescore_s, "select": time.perf_counter() - started - chosen.rescore_s},
         )
         return write_state(self.directory, state.with_round(round_)), None
@@ -317,18 +307,12 @@ class Campaign:
     ) -> _Chosen | str:
         """The round's batch with the pool's activations held here and re-scored by matrix products."""
         pool = self.pool()
-        keep = torch.tensor(
-            [i for i, sid in enumerate(pool.sample_ids) if sid not in taken], dtype=torch.long
-        )
-        if len(keep) == 0:
+        if all(sid in taken for sid in pool.sample_ids):
             return f"the pool is exhausted ({len(pool)} rows, all picked)"
         t0 = time.perf_counter()
-        remaining = pool.take(keep).rescored(head)
-        targets = self.targets()
-        targets = targets.rescored(head) if targets is not None else None
+        remaining, targets = self.rescored(head, taken)
         rescore_s = time.perf_counter() - t0
-        text = Activations(self.cache.text_acts, self.cache.text_offset)
-        choice = choose(head, text, self.cache.classes, remaining, settings, targets=targets)
+        choice = choose(head, self.text, self.cache.classes, remaining, settings, targets=targets)
         by_id = {sid: i for i, sid in enumerate(remaining.sample_ids)}
         columns = {
             name: [remaining.columns[name][by_id[p.sample_id]] for p in choice.picks]
@@ -358,14 +342,14 @@ class Campaign:
             )
         scoring = PoolScoring(
             head,
-            Activations(self.cache.text_acts, self.cache.text_offset),
+            self.text,
             self.cache.classes,
             posterior_id,
             targets,
             reference=self.cache.image_weight,
             exclude=taken,
         )
-        executor = Executor(cfg.trainer.value)
+        executor = Executor(cfg.executor.value)
         with runtime.ray_session(executor, cfg.address, cfg.num_cpus):
             found = choose_from_pool(
                 scoring,
@@ -374,7 +358,7 @@ class Campaign:
                 cfg.pool,
                 shards,
                 scalar,
-                round_dir(self.directory, index),
+                self.dir.round(index).dir,
                 executor=executor,
             )
         random = settings.method is Acquisition.RANDOM
@@ -397,15 +381,13 @@ class Campaign:
         return _Chosen(picks, mode, found.candidates, rows - len(taken), columns, time.perf_counter() - t0)
 
     def picks(self, index: int) -> list[str]:
-        path = storage.join(round_dir(self.directory, index), "picks.parquet")
-        if not storage.is_file(path):
-            return []
-        return storage.read_parquet(path, columns=["sample_id"]).column("sample_id").to_pylist()
+        """The sample ids round `index` picked ([] before it picks)."""
+        return self.dir.round(index).picked_ids()
 
     def push(self, state: CampaignState, round_: Round) -> CampaignState:
         started = time.perf_counter()
-        rdir = round_dir(self.directory, round_.index)
-        picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
+        files = self.dir.round(round_.index)
+        picks = files.read_picks()
         # picks.parquet carries the pool's source column: pushing never reads the pool.
         sources = {p["sample_id"]: p["source"] for p in picks if p.get("source") is not None}
         run_url = self.tracker.url(round_.mlflow_run_id) if round_.mlflow_run_id else None
@@ -426,8 +408,9 @@ class Campaign:
             self.tracker.log_picks(round_.mlflow_run_id, self._sheet(round_.index, picks, {}))
         faults.checkpoint(f"push round {round_.index}")
         url = self.source.url()
-        storage.write_json(storage.join(rdir, "push.json"), {**result, "url": url, "at": _now().isoformat()})
-        counts = {**round_.counts, "created": result.get("created", 0)}
+        storage.write_json(files.push, {**result, "url": url, "at": _now().isoformat()})
+        selection = replace(round_.counts.selection, created=result.get("created", 0))
+        counts = replace(round_.counts, selection=selection)
         timings = {**round_.timings, "push": time.perf_counter() - started}
         round_ = replace(round_, state=RoundState.PUSHED, counts=counts, timings=timings)
         return write_state(self.directory, state.with_round(round_))
@@ -440,8 +423,7 @@ class Campaign:
     def collect(self, state: CampaignState, round_: Round, force: bool) -> tuple[CampaignState, str | None]:
         """Pull answers; returns the state and, while the round waits for more answers, what it waits for."""
         started = time.perf_counter()
-        rdir = round_dir(self.directory, round_.index)
-        snapshot = storage.join(rdir, "labels.parquet")
+        snapshot = self.dir.round(round_.index).labels
         if storage.is_file(snapshot):  # collected before a crash: train on exactly those labels
             return state, None
         pushed = {
@@ -453,14 +435,14 @@ class Campaign:
         labels_table.append(self.directory, new, _now())
         resolution = labels_table.resolve([*existing, *new], self.cache.classes)
         labels_table.write_quarantine(self.directory, resolution.quarantined)
-        counts = {**round_.counts, **labels_table.round_counts(resolution, self.picks(round_.index))}
-        counts["labels_total"] = len(resolution.labels)
-        tasks = int(counts["tasks"])
+        collected = labels_table.round_counts(resolution, self.picks(round_.index))
+        counts = replace(round_.counts, labels=collected)
+        tasks = collected.tasks
         needed = math.ceil(self.cfg.min_answered * tasks - 1e-9)
         timings = {**round_.timings, "collect": time.perf_counter() - started}
-        if counts["answered"] < needed and not force:
+        if collected.answered < needed and not force:
             waiting = (
-                f"waiting: {counts['answered']} of {tasks} tasks answered in round {round_.index} "
+                f"waiting: {collected.answered} of {tasks} tasks answered in round {round_.index} "
                 f"({needed} needed, min_answered {self.cfg.min_answered:g}; --force trains on what is there)"
             )
             if round_.state is not RoundState.COLLECTING or round_.counts != counts:
@@ -473,7 +455,7 @@ class Campaign:
 
     def _labelled(self, index: int) -> tuple[TrainData, str]:
         """The labels round `index` trains on (its snapshot) as cached activations, and their digest."""
-        table = storage.read_parquet(storage.join(round_dir(self.directory, index), "labels.parquet"))
+        table = storage.read_parquet(self.dir.round(index).labels)
         ids, names = table.column("sample_id").to_pylist(), table.column("label").to_pylist()
         acts, offsets = self._labelled_rows(ids)
         index_of = {c: i for i, c in enumerate(self.cache.classes)}
@@ -513,7 +495,7 @@ class Campaign:
 
     def train(self, state: CampaignState, round_: Round) -> CampaignState:
         started = time.perf_counter()
-        rdir = round_dir(self.directory, round_.index)
+        files = self.dir.round(round_.index)
         data, digest = self._labelled(round_.index)
         head = self.start_head
         prior = head.image
@@ -521,7 +503,7 @@ class Campaign:
         refit = self.cfg.train
         if len(data.sample_ids) == 0:
             weight, summary = prior.weight.clone(), {"steps_run": 0, "note": "no labels: the prior mean"}
-        elif self.cfg.trainer is Trainer.LOCAL:
+        elif self.cfg.executor is Trainer.LOCAL:
             from pipeline.train.local import refit_local
 
             result = refit_local(prior, text_mean, head.scale, head.bias, data, refit)
@@ -540,21 +522,17 @@ class Campaign:
                     refit,
                     num_workers=self.cfg.train_workers,
                     use_gpu=use_gpu,
-                    storage_path=_ray_storage(storage.join(rdir, "ray-train")),
+                    storage_path=_ray_storage(files.ray_train),
                     name=f"{self.name}-round-{round_.index:03d}",
                 )
             weight, summary = result.weight, _train_summary(result)
         summary |= {
             "labels": len(data.sample_ids),
             "labels_digest": digest,
-            "trainer": self.cfg.trainer.value,
+            "trainer": self.cfg.executor.value,
         }
-        tensors.save(
-            storage.join(rdir, "projection.safetensors"),
-            {"weight": weight},
-            {"round": round_.index, "labels_digest": digest},
-        )
-        storage.write_json(storage.join(rdir, "train.json"), summary)
+        tensors.save(files.projection, {"weight": weight}, {"round": round_.index, "labels_digest": digest})
+        storage.write_json(files.train, summary)
         timings = {**round_.timings, "train": time.perf_counter() - started}
         short = {k: v for k, v in summary.items() if k != "history"}
         round_ = replace(
@@ -564,9 +542,8 @@ class Campaign:
 
     def update(self, state: CampaignState, round_: Round) -> CampaignState:
         started = time.perf_counter()
-        rdir = round_dir(self.directory, round_.index)
-        found, _ = tensors.load(storage.join(rdir, "projection.safetensors"))
-        weight = found["weight"].double()
+        files = self.dir.round(round_.index)
+        weight = files.read_projection().double()
         data, digest = self._labelled(round_.index)
         head = self.start_head
         prior = head.image
@@ -592,7 +569,7 @@ class Campaign:
         else:
             image = prior
         info = write_posterior(
-            storage.join(rdir, "posterior"),
+            files.posterior,
             image,
             head.text,
             likelihood=head.likelihood.value,
@@ -613,12 +590,12 @@ class Campaign:
                 labels_digest=digest,
             ),
         )
-        new_head = self.cache.head(storage.join(rdir, "posterior"))
+        new_head = self.cache.head(files.posterior)
         metrics, png = self.evaluate(new_head)
         if metrics:
-            storage.write_json(storage.join(rdir, "metrics.json"), metrics)
+            storage.write_json(files.metrics, metrics)
         if png is not None:
-            storage.write_bytes(storage.join(rdir, "reliability.png"), png)
+            storage.write_bytes(files.reliability, png)
         timings = {**round_.timings, "update": time.perf_counter() - started}
         round_ = replace(
             round_,
@@ -627,28 +604,25 @@ class Campaign:
             metrics=metrics,
             timings=timings,
         )
-        labelled = storage.read_parquet(storage.join(rdir, "labels.parquet"), columns=["sample_id", "label"])
-        given = dict(
-            zip(labelled.column("sample_id").to_pylist(), labelled.column("label").to_pylist(), strict=True)
-        )
+        given = files.read_labels()
         sheet = None
         if self.tracker.enabled:
-            picks = storage.read_parquet(storage.join(rdir, "picks.parquet")).to_pylist()
-            sheet = self._sheet(round_.index, picks, given)
-        self.tracker.log_round(round_.mlflow_run_id, round_, rdir, png, sheet)
+            sheet = self._sheet(round_.index, files.read_picks(), given)
+        self.tracker.log_round(round_.mlflow_run_id, round_, files, png, sheet)
         state = write_state(self.directory, state.with_round(round_))
         self.tracker.log_curve(state.mlflow_run_id, state, Counter(given.values()))
         return state
 
 
-def _train_summary(result: Any) -> dict[str, Any]:
+def _train_summary(result: RefitResult) -> dict[str, Any]:
+    """The re-fit's `train.json` (its history records are dicts, from either trainer)."""
     return {
         "steps_run": result.steps_run,
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
         "converged": result.converged,
         "seconds": result.seconds,
-        "history": [dict(vars(r)) if hasattr(r, "__dict__") else dict(r) for r in result.history],
+        "history": [dict(r) for r in result.history],
     }
 
 
@@ -683,11 +657,13 @@ def step(
                     report.finished = why
                     campaign.tracker.finish_campaign(state.mlflow_run_id)
                     break
-                _did(report, log, f"round {len(state.rounds) - 1}: selected {state.rounds[-1].picks} samples")
+                _did(
+                    report, log, f"round {len(state.rounds) - 1}: selected {state.rounds[-1].picked} samples"
+                )
             elif current.state is RoundState.SELECTED:
                 state = campaign.push(state, current)
                 where = campaign.source.url() or campaign.source.name
-                _did(report, log, f"round {current.index}: pushed {current.picks} tasks to {where}")
+                _did(report, log, f"round {current.index}: pushed {current.picked} tasks to {where}")
             elif current.state in (RoundState.PUSHED, RoundState.COLLECTING):
                 state, waiting = campaign.collect(state, current, forced)
                 if waiting is not None:
@@ -695,20 +671,13 @@ def step(
                     log(waiting)
                     break
                 forced = False
-                c = state.rounds[current.index].counts
-                _did(
-                    report,
-                    log,
-                    f"round {current.index}: collected {c.get('labelled', 0)} labels, "
-                    f"{c.get('skipped', 0)} skipped, {c.get('quarantined', 0)} quarantined "
-                    f"({c.get('labels_total', 0)} labels in all)",
-                )
+                _did(report, log, _collected(current.index, state.rounds[current.index].counts.labels))
                 state = campaign.train(state, state.rounds[current.index])
                 t = state.rounds[current.index].train
                 _did(
                     report,
                     log,
-                    f"round {current.index}: trained ({campaign.cfg.trainer.value}) on {t.get('labels', 0)} "
+                    f"round {current.index}: trained ({campaign.cfg.executor.value}) on {t.get('labels', 0)} "
                     f"labels, {t.get('steps_run', 0)} steps",
                 )
             else:  # TRAINED
@@ -726,6 +695,16 @@ def step(
 def _did(report: StepReport, log: Log, text: str) -> None:
     report.did.append(text)
     log(text)
+
+
+def _collected(index: int, c: labels_table.LabelCounts | None) -> str:
+    """What a round collected (None: a crash came between its snapshot and the state that counts it)."""
+    if c is None:
+        return f"round {index}: collected 0 labels, 0 skipped, 0 quarantined (0 labels in all)"
+    return (
+        f"round {index}: collected {c.labelled} labels, {c.skipped} skipped, {c.quarantined} quarantined "
+        f"({c.labels_total} labels in all)"
+    )
 
 
 def _brief(round_: Round) -> str:
@@ -764,65 +743,3 @@ def run(
         if report.state.completed >= rounds or report.finished or not wait:
             return report
         time.sleep(interval)
-
-
-# -------------------------------------------------------------------------------------------- status
-
-
-def status(directory: str) -> dict[str, Any]:
-    """Where the campaign stands (read-only, no lease): per round its state, label counts and metrics."""
-    cfg = read_config(directory)
-    state = read_state(directory)
-    rounds = []
-    for r in state.rounds:
-        metrics = {
-            name: {k: r.metrics[name][k] for k in ("accuracy", "nll", "ece", "brier") if k in r.metrics[name]}
-            for name in ("MAP", "Bayes")
-            if name in r.metrics
-        }
-        if "domains" in r.metrics:
-            metrics["domains"] = r.metrics["domains"]
-        rounds.append(
-            {
-                "round": r.index,
-                "state": r.state.value,
-                "posterior_id": r.posterior_id,
-                "new_posterior_id": r.new_posterior_id,
-                "picks": r.picks,
-                "labels": {k: r.counts[k] for k in sorted(r.counts)},
-                "labels_used": r.labels_used,
-                "metrics": metrics,
-                "seconds": r.timings,
-            }
-        )
-    current = state.current
-    waiting = None
-    if current is not None and current.state in (RoundState.PUSHED, RoundState.COLLECTING):
-        answered, tasks = current.counts.get("answered", 0), current.counts.get("tasks", current.picks)
-        waiting = (
-            f"round {current.index}: {answered} of {tasks} tasks answered at the last step "
-            f"(trains at {math.ceil(cfg.min_answered * tasks - 1e-9)})"
-        )
-    elif current is not None and current.state is RoundState.SELECTED:
-        waiting = f"round {current.index}: picks chosen, tasks not pushed yet (the next step pushes them)"
-    tracker = CampaignTracker(cfg, cfg.project or campaign_name(directory)) if cfg.tracking else None
-    latest = next((r for r in reversed(state.rounds) if r.metrics.get("classes")), None)
-    worst = review.worst_classes(latest.metrics if latest else state.baseline, state.baseline)
-    return {
-        "directory": directory,
-        "label_source": cfg.label_source.value,
-        "method": cfg.selection.method.value,
-        "budget": cfg.selection.budget,
-        "min_answered": cfg.min_answered,
-        "max_rounds": cfg.max_rounds,
-        "rounds_completed": state.completed,
-        "rounds": rounds,
-        "baseline": state.baseline,
-        "waiting": waiting,
-        "lease": lease.holder(directory),
-        "mlflow": tracker.url() if tracker else None,
-        "updated": state.updated,
-        # The classes with the lowest Bayes recall on the evaluation set after the latest evaluated round
-        # (None: before any round), with their recall at the start.
-        "worst_classes": {"round": latest.index if latest else None, "classes": worst},
-    }

@@ -4,10 +4,11 @@ and collects. Written to `campaign.yaml` by `campaign init`; every field is a fl
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, model_validator
 
-from pipeline.config import TrackedConfig
+from pipeline.config import LabelStudioAccess, Renamed, TrackedConfig
 from pipeline.selection import SelectingConfig
 from pipeline.train.config import RefitConfig
 
@@ -16,9 +17,10 @@ class LabelSource(str, Enum):
     """Where a campaign's labels come from."""
 
     LABEL_STUDIO = "label-studio"
-    """Human annotators in a Label Studio project (the server of `bayescurate services`, or `state_dir`)."""
+    """Human annotators in a Label Studio project (`label_studio_url` or $LABEL_STUDIO_URL, else the server of
+    `bayescurate services`)."""
     ORACLE = "oracle"
-    """Ground truth from a Parquet table (`truth`, `truth_column`), answered at once: simulations,
+    """Ground truth from a Parquet table (`truth`, `truth_label_column`), answered at once: simulations,
     benchmarks and tests. The answers go through the same collection code as Label Studio's."""
 
 
@@ -48,7 +50,7 @@ class PoolEngine(str, Enum):
 STREAM_ROWS = 200_000  # `auto` streams pools above this many rows
 
 
-class CampaignConfig(TrackedConfig, SelectingConfig):
+class CampaignConfig(TrackedConfig, LabelStudioAccess, SelectingConfig):
     """An annotation campaign (see the README's campaign reference)."""
 
     pool: str  # embeddings of the unlabelled pool (`embed --activations`)
@@ -58,14 +60,15 @@ class CampaignConfig(TrackedConfig, SelectingConfig):
     eval: str | None = Field(
         default=None, validation_alias=AliasChoices("eval", "evaluation")
     )  # labelled evaluation embeddings: metrics after every round
-    eval_labels: str | None = None  # label column of the evaluation set (default: the classes file's)
+    eval_label_column: Annotated[str | None, Renamed("eval_labels")] = None  # label column of the evaluation
+    # set (default: the classes file's)
     domain_column: str = "domain"  # column splitting the evaluation metrics per domain, when present
     max_rounds: int | None = Field(None, ge=1)  # stop after this many rounds (none: until the pool is used)
     label_source: LabelSource = Field(
         default=LabelSource.LABEL_STUDIO, validation_alias=AliasChoices("label_source", "labels", "source")
     )  # where labels come from
     project: str | None = None  # Label Studio project (default: the campaign directory's name)
-    state_dir: str | None = None  # services state dir with Label Studio's URL, token (else $LABEL_STUDIO_URL)
+    state_dir: str | None = None  # services state dir with Label Studio's URL and token (beats the env)
     image_root: str | None = None  # Label Studio's local-files root if writable here (default: the services')
     image_store: str | None = None  # s3://bucket/prefix/ where images are staged for Label Studio to read
     inline_max_bytes: int = 0  # images up to this size are inlined into tasks instead of referenced
@@ -74,9 +77,10 @@ class CampaignConfig(TrackedConfig, SelectingConfig):
     truth: str | None = Field(
         default=None, validation_alias=AliasChoices("truth", "oracle", "truth_uri")
     )  # oracle: Parquet file or folder with sample_id and the label column
-    truth_column: str | None = None  # oracle: its label column (default: the classes file's)
+    truth_label_column: Annotated[str | None, Renamed("truth_column")] = None  # oracle: the label column of
+    # `truth` (default: the classes file's)
     min_answered: float = Field(1.0, gt=0, le=1)  # share of a round's tasks answered (or skipped) to train
-    trainer: Trainer = Trainer.RAY  # where the projection is re-fitted
+    executor: Annotated[Trainer, Renamed("trainer")] = Trainer.RAY  # where the projection is re-fitted
     train_workers: int = Field(2, ge=1)  # Ray Train workers
     train: RefitConfig = RefitConfig()  # the re-fit's optimiser and early stopping
     merge_weight: float = 1.0  # weight w of the labelled curvature in the posterior update (A + wA_lab)
@@ -106,6 +110,8 @@ OPERATIONAL_FIELDS = frozenset(
         "tracking_uri",
         "experiment",
         "state_dir",
+        "label_studio_url",
+        "label_studio_token_file",
         "image_root",
         "image_store",
         "inline_max_bytes",

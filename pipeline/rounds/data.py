@@ -20,10 +20,10 @@ from torch import Tensor
 from pipeline.artifacts.posterior import image_weight, load_head, projection_sha256, read_info
 from pipeline.bayes.head import BayesHead
 from pipeline.classes import ClassSpec, class_text_features, read_classes
-from pipeline.io import storage, tensors, vectors
+from pipeline.io import tensors, vectors
+from pipeline.rounds.layout import CACHE_FILE, CampaignDir
 from pipeline.selection import EmbeddingSet, read_embedding_table, scalar_columns
 
-CACHE = "cache/model.safetensors"
 CACHE_FORMAT = "bayescurate.campaign-cache/1"
 CHUNK = 8192  # rows re-scored at a time
 
@@ -72,15 +72,15 @@ def write_cache(directory: str, posterior: str, spec: ClassSpec) -> ModelCache:
         "identity": adapter.identity(),
         "posterior_id": info["posterior_id"],
     }
-    tensors.save(storage.join(directory, CACHE), found, header)
+    tensors.save(CampaignDir(directory).cache, found, header)
     return read_cache(directory)
 
 
 def read_cache(directory: str) -> ModelCache:
-    found, header = tensors.load(storage.join(directory, CACHE))
+    found, header = tensors.load(CampaignDir(directory).cache)
     if header.get("format") != CACHE_FORMAT:
         raise ValueError(
-            f"{directory!r}: {CACHE} has format {header.get('format')!r}, expected {CACHE_FORMAT!r}"
+            f"{directory!r}: {CACHE_FILE} has format {header.get('format')!r}, expected {CACHE_FORMAT!r}"
         )
     return ModelCache(
         text_acts=found["text_acts"],

@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 
 from pipeline.io import storage
+from pipeline.rounds.layout import CampaignDir
 
-LABELS_DIR = "labels"
-QUARANTINE_DIR = "labels/quarantine"
+UTC = pa.timestamp("us", tz="UTC")
 
+# The labels table's columns, in order: every field of an `Annotation`, and when its row was collected.
 SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -33,13 +35,14 @@ SCHEMA = pa.schema(
         ("label", pa.string()),
         ("cancelled", pa.bool_()),
         ("deleted", pa.bool_()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("created_at", UTC),
+        ("updated_at", UTC),
         ("round", pa.int32()),
         ("task_id", pa.int64()),
-        ("collected_at", pa.timestamp("us", tz="UTC")),
+        ("collected_at", UTC),
     ]
 )
+# The quarantine's columns: the fields of a `Quarantined`.
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -47,7 +50,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("annotator", pa.string()),
         ("label", pa.string()),
         ("reason", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("updated_at", UTC),
     ]
 )
 
@@ -76,29 +79,22 @@ def _utc(when: datetime) -> datetime:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
+def _in_utc(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    """`row` with its timestamp columns in UTC (on the way into the table and out of it)."""
+    return {k: _utc(v) if schema.field(k).type == UTC else v for k, v in row.items()}
+
+
 def read_rows(directory: str) -> list[Annotation]:
     """Every row of the labels table, in the order they were appended."""
-    folder = storage.join(directory, LABELS_DIR)
+    folder = CampaignDir(directory).labels
     if not storage.exists(folder):
         return []
-    rows: list[Annotation] = []
-    for path in storage.list_files(folder, suffix=".parquet", recursive=False):
-        for r in storage.read_parquet(path).to_pylist():
-            rows.append(
-                Annotation(
-                    sample_id=r["sample_id"],
-                    annotation_id=r["annotation_id"],
-                    annotator=r["annotator"],
-                    label=r["label"],
-                    cancelled=bool(r["cancelled"]),
-                    created_at=_utc(r["created_at"]),
-                    updated_at=_utc(r["updated_at"]),
-                    round=int(r["round"]),
-                    task_id=r["task_id"],
-                    deleted=bool(r["deleted"]),
-                )
-            )
-    return rows
+    names = [f.name for f in fields(Annotation)]
+    return [
+        Annotation(**_in_utc(r, SCHEMA))
+        for path in storage.list_files(folder, suffix=".parquet", recursive=False)
+        for r in storage.read_parquet(path, columns=names).to_pylist()
+    ]
 
 
 def latest(rows: Iterable[Annotation]) -> dict[str, Annotation]:
@@ -126,20 +122,7 @@ def changes(
             out.append(ann)
     for aid, old in current.items():
         if aid not in seen and not old.deleted and old.sample_id in scope:
-            out.append(
-                Annotation(
-                    old.sample_id,
-                    aid,
-                    old.annotator,
-                    None,
-                    old.cancelled,
-                    old.created_at,
-                    old.updated_at,
-                    old.round,
-                    old.task_id,
-                    deleted=True,
-                )
-            )
+            out.append(replace(old, label=None, deleted=True))  # its tombstone
     return out
 
 
@@ -147,29 +130,13 @@ def append(directory: str, rows: Sequence[Annotation], collected_at: datetime) -
     """Append `rows` as the next part of the table (nothing when empty); returns the part's path."""
     if not rows:
         return None
-    folder = storage.join(directory, LABELS_DIR)
+    folder = CampaignDir(directory).labels
     existing = (
         storage.list_files(folder, suffix=".parquet", recursive=False) if storage.exists(folder) else []
     )
     path = storage.join(folder, f"part-{len(existing):06d}.parquet")
     table = pa.Table.from_pylist(
-        [
-            {
-                "sample_id": r.sample_id,
-                "annotation_id": r.annotation_id,
-                "annotator": r.annotator,
-                "label": r.label,
-                "cancelled": r.cancelled,
-                "deleted": r.deleted,
-                "created_at": _utc(r.created_at),
-                "updated_at": _utc(r.updated_at),
-                "round": r.round,
-                "task_id": r.task_id,
-                "collected_at": _utc(collected_at),
-            }
-            for r in rows
-        ],
-        schema=SCHEMA,
+        [_in_utc({**asdict(r), "collected_at": collected_at}, SCHEMA) for r in rows], schema=SCHEMA
     )
     storage.write_parquet(table, path)
     return path
@@ -254,7 +221,7 @@ def resolve(rows: Iterable[Annotation], classes: Sequence[str]) -> Resolution:
 
 def write_quarantine(directory: str, quarantined: Sequence[Quarantined]) -> int:
     """Record quarantined answers not recorded yet (keyed by annotation id and version); returns how many."""
-    folder = storage.join(directory, QUARANTINE_DIR)
+    folder = CampaignDir(directory).quarantine
     existing = (
         storage.list_files(folder, suffix=".parquet", recursive=False) if storage.exists(folder) else []
     )
@@ -266,38 +233,42 @@ def write_quarantine(directory: str, quarantined: Sequence[Quarantined]) -> int:
     new = [q for q in quarantined if (q.annotation_id, _utc(q.updated_at)) not in known]
     if new:
         table = pa.Table.from_pylist(
-            [
-                {
-                    "sample_id": q.sample_id,
-                    "annotation_id": q.annotation_id,
-                    "annotator": q.annotator,
-                    "label": q.label,
-                    "reason": q.reason,
-                    "updated_at": _utc(q.updated_at),
-                }
-                for q in new
-            ],
-            schema=QUARANTINE_SCHEMA,
+            [_in_utc(asdict(q), QUARANTINE_SCHEMA) for q in new], schema=QUARANTINE_SCHEMA
         )
         storage.write_parquet(table, storage.join(folder, f"part-{len(existing):06d}.parquet"))
     return len(new)
 
 
-def round_counts(resolution: Resolution, picks: Sequence[str]) -> dict[str, float]:
+@dataclass(frozen=True)
+class LabelCounts:
+    """What the answers to one round's tasks resolve to at a collection."""
+
+    tasks: int  # the round's tasks (its distinct picks)
+    answered: int  # tasks labelled, skipped or quarantined
+    labelled: int  # tasks with a resolved label
+    skipped: int  # tasks answered by cancellations only
+    quarantined: int  # tasks with an answer that is not a class, and no label
+    multi_annotated: int  # labelled tasks with more than one annotator
+    agreement: float  # mean agreement of the multi-annotated tasks (1 when there are none)
+    labels_total: int  # resolved labels of the whole campaign (every round's tasks)
+
+
+def round_counts(resolution: Resolution, picks: Sequence[str]) -> LabelCounts:
     """Label counts of one round's tasks."""
     ids = set(picks)
     labelled = [resolution.labels[s] for s in ids if s in resolution.labels]
     multi = [r for r in labelled if r.annotators > 1]
     quarantined = {q.sample_id for q in resolution.quarantined if q.sample_id in ids}
-    return {
-        "tasks": len(ids),
-        "answered": len(ids & resolution.answered),
-        "labelled": len(labelled),
-        "skipped": len(ids & resolution.skipped),
-        "quarantined": len(quarantined - set(resolution.labels)),
-        "multi_annotated": len(multi),
-        "agreement": sum(r.agreement for r in multi) / len(multi) if multi else 1.0,
-    }
+    return LabelCounts(
+        tasks=len(ids),
+        answered=len(ids & resolution.answered),
+        labelled=len(labelled),
+        skipped=len(ids & resolution.skipped),
+        quarantined=len(quarantined - set(resolution.labels)),
+        multi_annotated=len(multi),
+        agreement=sum(r.agreement for r in multi) / len(multi) if multi else 1.0,
+        labels_total=len(resolution.labels),
+    )
 
 
 def labels_table(resolution: Resolution) -> pa.Table:

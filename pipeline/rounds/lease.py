@@ -19,12 +19,15 @@ A holder that could not renew in time (stalled longer than the TTL) learns it wh
 conditional PUT fails: `release()` then raises `LeaseLost`.
 
 Either way the lease names the owner (host, pid, start, command) for the message a refused step prints: a
-second step while one runs fails at once with `LeaseHeld` (the CLI's exit code 3).
+second step while one runs fails at once with `LeaseHeld` (the CLI's exit code 3). What happens to a held
+lease (a renewal that failed, a lease lost) goes to this module's logger, as a step that failed in `campaign
+serve` does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -35,8 +38,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.io import storage
+from pipeline.rounds.layout import LEASE_FILE as LEASE_FILE  # re-exported: its old home
+from pipeline.rounds.layout import CampaignDir
 
-LEASE_FILE = "lease"
+logger = logging.getLogger(__name__)
+
 TTL_ENV = "BAYESCURATE_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0  # object stores: a lease not renewed for this long belongs to a dead owner
 RELEASED = "released"  # body key of a lease given up on a store that cannot delete conditionally
@@ -78,7 +84,7 @@ class Lease:
         except LeaseLost as lost:
             if exc is None:
                 raise
-            print(f"warning: {lost}", file=sys.stderr)  # the step's own error is the one to report
+            logger.warning("%s", lost)  # the step's own error is the one to report
 
 
 def _parse(note: str | bytes) -> dict[str, Any]:
@@ -115,7 +121,7 @@ def acquire(directory: str, command: str = "", *, ttl_s: float | None = None) ->
         "since": _iso(time.time()),
         "command": command or " ".join(["bayescurate", *sys.argv[1:3]]),
     }
-    path = storage.join(directory, LEASE_FILE)
+    path = CampaignDir(directory).lease
     if not storage.is_local(path):
         return _acquire_object(directory, path, owner, _ttl(ttl_s))
     lock, note = storage.try_lock(path, json.dumps(owner) + "\n")
@@ -131,7 +137,7 @@ def holder(directory: str) -> dict[str, Any] | None:
     not expired; the answer then includes `ttl_s` and `expires`. Informational (for `campaign status`): it
     never changes the lease, so it cannot make a step fail.
     """
-    path = storage.join(directory, LEASE_FILE)
+    path = CampaignDir(directory).lease
     if not storage.is_local(path):
         current = storage.read_versioned(path)
         if current is None:
@@ -183,14 +189,14 @@ class _ObjectHold:
             try:
                 etag = storage.conditional_put(self.uri, _body(self.owner, self.ttl_s), if_match=self.etag)
             except OSError as exc:  # a transient store error: the next beat tries again, within the TTL
-                print(f"warning: could not renew the campaign lease {self.uri!r}: {exc}", file=sys.stderr)
+                logger.warning("could not renew the campaign lease %r: %s", self.uri, exc)
                 continue
             except NotImplementedError as exc:  # the store cannot replace conditionally: it cannot renew
-                print(f"error: {exc}", file=sys.stderr)
+                logger.error("%s", exc)
                 etag = None
             if etag is None:
                 self.lost.set()
-                print(f"error: {self._lost_message()}", file=sys.stderr)
+                logger.error("%s", self._lost_message())
                 return
             self.etag = etag
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -30,55 +29,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from connectors.label_studio import LabelStudioError
+from connectors.label_studio import WEBHOOK_PAYLOADS, LabelStudioError
 from pipeline.rounds import campaign, lease
 from pipeline.rounds.config import LabelSource
+from pipeline.rounds.layout import project_name, read_config
+from pipeline.rounds.webhook import MIN_SECRET, SECRET_HEADER
 
 logger = logging.getLogger(__name__)
 
-SECRET_HEADER = "X-Bayescurate-Secret"  # the header Label Studio sends the shared secret in
-SECRET_ENV = "BAYESCURATE_WEBHOOK_SECRET"
-MIN_SECRET = 16  # characters
 WEBHOOK_PATH = "/webhook"
 HEALTH_PATH = "/health"
 MAX_BODY = 16 * 2**20  # bytes; a payload carries one task's data (inline images included)
-# The actions that can change what a round has collected, and the payload key each one carries.
-TRIGGERS: Mapping[str, tuple[str, type]] = {
-    "ANNOTATION_CREATED": ("annotation", dict),
-    "ANNOTATION_UPDATED": ("annotation", dict),
-    "ANNOTATIONS_CREATED": ("annotation", list),  # sic: the bulk action keeps the singular key
-    "ANNOTATIONS_DELETED": ("annotations", list),
-}
 
 Log = Callable[[str], None]
-
-
-def read_secret(secret_file: str | Path | None = None) -> str:
-    """The webhook's shared secret: the contents of `secret_file`, else `$BAYESCURATE_WEBHOOK_SECRET`.
-
-    Never a flag value (it would show in `ps` and shell histories); errors name where it came from, never it.
-    """
-    if secret_file:
-        path = Path(secret_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"webhook secret file {str(path)!r} does not exist")
-        secret, where = path.read_text().strip(), f"the webhook secret file {str(path)!r}"
-    else:
-        secret, where = os.environ.get(SECRET_ENV, "").strip(), f"${SECRET_ENV}"
-        if not secret:
-            raise ValueError(
-                f"no webhook secret: set ${SECRET_ENV} or pass --secret-file (a file holding it)"
-            )
-    if len(secret) < MIN_SECRET:
-        raise ValueError(
-            f"{where} holds a secret of {len(secret)} characters, fewer than {MIN_SECRET}; make one with "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-        )
-    return secret
 
 
 @dataclass
@@ -169,7 +135,7 @@ class WebhookServer:
     ) -> None:
         """`port` 0: any free port (see `url`). `retry_s`: step again this long after a refused or failed
         step. `interval_s`: also step this often without events (None: on events and at start only)."""
-        cfg = campaign.read_config(directory)  # no campaign there: fail now, not at the first event
+        cfg = read_config(directory)  # no campaign there: fail now, not at the first event
         if cfg.label_source is not LabelSource.LABEL_STUDIO:
             raise ValueError(
                 f"campaign {directory!r} takes its labels from {cfg.label_source.value}: only a Label "
@@ -180,7 +146,7 @@ class WebhookServer:
         if retry_s <= 0 or (interval_s is not None and interval_s <= 0):
             raise ValueError(f"retry_s ({retry_s}) and interval_s ({interval_s}) must be positive")
         self.directory = directory
-        self.project = cfg.project or campaign.campaign_name(directory)
+        self.project = project_name(cfg, directory)
         self.webhook = cfg.webhook  # the URL `campaign init --webhook` registered, if any
         self.retry_s = retry_s
         self.interval_s = interval_s
@@ -261,12 +227,12 @@ class WebhookServer:
         project = event.get("project")
         if project is not None and not isinstance(project, dict):
             return self._malformed(client, f"`project` of {action} is not an object")
-        if action not in TRIGGERS or (project and project.get("title") != self.project):
+        if action not in WEBHOOK_PAYLOADS or (project and project.get("title") != self.project):
             with self._cond:
                 self.stats.ignored += 1
             what = f"project {project.get('title')!r}" if project else "any project"
             return 202, {"ignored": f"{action} of {what}: this server steps project {self.project!r}"}
-        key, kind = TRIGGERS[action]
+        key, kind = WEBHOOK_PAYLOADS[action]  # what `campaign init --webhook` subscribed to
         if not isinstance(event.get(key), kind):
             return self._malformed(
                 client, f"{action} without {'an object' if kind is dict else 'a list'} {key!r}"

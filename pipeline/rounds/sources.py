@@ -11,12 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.annotation import ImageStore, TaskRow, push_tasks
 from pipeline.io import storage
 from pipeline.rounds.config import CampaignConfig, LabelSource
 from pipeline.rounds.labels import Annotation
+from pipeline.rounds.layout import project_name
+from pipeline.rounds.webhook import SECRET_HEADER
 
 
 class Source(Protocol):
@@ -43,6 +45,16 @@ class Source(Protocol):
         ...
 
 
+@runtime_checkable
+class WebhookSource(Source, Protocol):
+    """A source that posts its annotation events to a URL as they happen (`campaign serve` steps on them)."""
+
+    def register_webhook(self, url: str, secret: str) -> int:
+        """The one webhook to `url`, sending `secret` in the `SECRET_HEADER` header; returns its id.
+        Idempotent: a re-run updates that webhook in place."""
+        ...
+
+
 @dataclass
 class LabelStudioSource:
     """A Label Studio project (created on first push with the campaign's classes)."""
@@ -54,26 +66,31 @@ class LabelStudioSource:
     retry_for: float = 120.0  # seconds a request retries connection errors and 5xx before it fails
     image_root: str | None = None  # Label Studio's local-files root, when this machine writes into it
     image_store: str | None = None  # s3:// prefix to stage images under, read through an S3 storage
+    label_studio_url: str | None = None  # a server of your own (else $LABEL_STUDIO_URL or the services')
+    token_file: str | None = None  # file holding that server's API token (else $LABEL_STUDIO_API_KEY...)
     name: str = LabelSource.LABEL_STUDIO.value
 
     def __post_init__(self) -> None:
         self._client: Any = None
         self._project: Any = None
-        self._from_env = False
+        self._target: Any = None
         self._view: int | None = None  # the Data Manager tab the last push made or found
 
     @property
-    def client(self) -> Any:
-        """The campaign's `state_dir` when it names one; else `$LABEL_STUDIO_URL` + `$LABEL_STUDIO_API_KEY`
-        when both are set (a cluster pod, from a Secret); else the local `bayescurate services` state."""
-        if self._client is None:
-            from connectors.label_studio import LabelStudioClient
+    def target(self) -> Any:
+        """The server, as every command resolves it (`connectors.label_studio_access.resolve`): the campaign's
+        `label_studio_url`, else the services of its `state_dir`, else `$LABEL_STUDIO_URL` (a cluster pod,
+        token from a Secret), else the local `bayescurate services`."""
+        if self._target is None:
+            from connectors.label_studio_access import resolve
 
-            if self.state_dir is None and LabelStudioClient.env_configured():
-                self._client = LabelStudioClient.from_env(retry_for=self.retry_for)
-                self._from_env = True
-            else:
-                self._client = LabelStudioClient.from_services(self.state_dir, retry_for=self.retry_for)
+            self._target = resolve(self.label_studio_url, self.token_file, self.state_dir)
+        return self._target
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self.target.client(retry_for=self.retry_for)
         return self._client
 
     def ensure_project(self) -> Any:
@@ -84,13 +101,8 @@ class LabelStudioSource:
     def push(
         self, rows: Sequence[TaskRow], sources: Mapping[str, str], *, model_version: str
     ) -> dict[str, Any]:
-        from connectors.service_state import read_state
-
         self.ensure_project()
-        root = self.image_root
-        if root is None and not self._from_env:  # the local services' root; a remote server's is unknown
-            ls = read_state(self.state_dir).label_studio
-            root = ls.image_root if ls else None
+        root = self.image_root or self.target.image_root  # the local services' root; another's is unknown
         store = ImageStore(Path(root) if root else None, self.inline_max_bytes, self.image_store)
         result = push_tasks(
             self.client, self.project, self.classes, rows, sources, store, model_version=model_version
@@ -127,6 +139,11 @@ class LabelStudioSource:
 
     def check(self) -> None:
         self.ensure_project()
+
+    def register_webhook(self, url: str, secret: str) -> int:
+        """The project's webhook to `url` for the annotation events that change a round's answers
+        (`connectors.label_studio.WEBHOOK_ACTIONS`)."""
+        return int(self.client.ensure_webhook(self.ensure_project(), url, headers={SECRET_HEADER: secret}))
 
 
 EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -195,17 +212,18 @@ def make_source(
 ) -> Source:
     """The label source a campaign config names."""
     if cfg.label_source is LabelSource.ORACLE:
-        column = cfg.truth_column or label_column
+        column = cfg.truth_label_column or label_column
         if not column:
-            raise ValueError("the oracle needs `truth_column` (the classes file names no label column)")
+            raise ValueError("the oracle needs `truth_label_column` (the classes file names no label column)")
         return OracleSource(str(cfg.truth), column)
-    project = cfg.project or storage.resolve(directory)[1].rstrip("/").rsplit("/", 1)[-1]
     return LabelStudioSource(
-        project,
+        project_name(cfg, directory),
         list(classes),
         cfg.state_dir,
         cfg.inline_max_bytes,
         retry_for=cfg.label_studio_retry_s,
         image_root=cfg.image_root,
         image_store=cfg.image_store,
+        label_studio_url=cfg.label_studio_url,
+        token_file=cfg.label_studio_token_file,
     )

@@ -19,6 +19,7 @@ from pipeline.io import storage
 from pipeline.plots import curves_png, panels_png, shares_png
 from pipeline.rounds import review
 from pipeline.rounds.config import CampaignConfig
+from pipeline.rounds.layout import RoundFiles
 from pipeline.rounds.state import CampaignState, Round
 
 _UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in a metric name (class names may have them)
@@ -51,7 +52,9 @@ class CampaignTracker:
         """Id of the campaign's run (created on first use)."""
         if self.tracker is None:
             return None
-        params = self.cfg.model_dump(mode="json", exclude={"tracking", "tracking_uri", "experiment"})
+        # the token file's location is no secret, but its name looks like one (and would be dropped noisily)
+        skip = {"tracking", "tracking_uri", "experiment", "label_studio_token_file"}
+        params = self.cfg.model_dump(mode="json", exclude=skip)
         run = self.tracker.open_run(
             f"campaign: {self.name}", params=params, tags={"bayescurate.kind": "campaign"}
         )
@@ -88,7 +91,7 @@ class CampaignTracker:
         self,
         run_id: str | None,
         round_: Round,
-        round_dir: str,
+        files: RoundFiles,
         reliability: bytes | None,
         sheet: bytes | None = None,
     ) -> None:
@@ -100,14 +103,13 @@ class CampaignTracker:
 
         run = Run(self.tracker.client, run_id)
         step = round_.index
-        run.log_metrics(_flat("labels.", round_.counts), step=step)
+        run.log_metrics(_flat("labels.", round_.counts.to_json()), step=step)  # selection and labels
         run.log_metrics({"labels.used": float(round_.labels_used)}, step=step)
         run.log_metrics(_flat("seconds.", round_.timings), step=step)
         run.log_metrics(_flat("eval.", round_.metrics), step=step)
         run.log_metrics(_flat("train.", {k: v for k, v in round_.train.items() if k != "history"}), step=step)
         run.set_tags({"bayescurate.new_posterior_id": round_.new_posterior_id or ""})
-        picks = storage.read_parquet(storage.join(round_dir, "picks.parquet")).to_pylist()
-        run.log_dict({"picks": picks}, "picks.json")
+        run.log_dict({"picks": files.read_picks()}, "picks.json")
         run.log_dict(round_.to_json(), "round.json")
         if reliability is not None:
             run.log_bytes(reliability, "reliability.png")
@@ -118,8 +120,7 @@ class CampaignTracker:
             recall = {name: {c: m[name] for c, m in classes.items()} for name in ("MAP", "Bayes")}
             title = f"{self.name}, round {round_.index}: accuracy per class ({round_.labels_used} labels)"
             run.log_bytes(shares_png(recall, title=title, ylabel="recall"), "per_class.png")
-        posterior = storage.join(round_dir, "posterior")
-        for path in storage.list_files(posterior):
+        for path in storage.list_files(files.posterior):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             run.log_bytes(storage.read_bytes(path), f"posterior/{name}")
         self.tracker.finish(run_id)

@@ -73,16 +73,10 @@ class Objective:
         check_labelled(rows.acts, rows.labels, self.text_mean, rows.offsets, self.prior.weight)
 
     def to(self, device: torch.device) -> Objective:
-        """The objective with its tensors in float64 on `device`."""
+        """The objective with its tensors in float64 on `device`; the prior keeps its eigendecomposition."""
         p = self.prior
         if p.weight.device != device or p.weight.dtype != torch.float64:
-            p = KronPosterior(
-                p.factors.to(torch.float64, device),
-                p.weight.to(device=device, dtype=torch.float64),
-                p.prior_precision,
-                p.hessian_scale,
-                p.damping,
-            )
+            p = p.to(torch.float64, device)
         text = self.text_mean.to(device=device, dtype=torch.float64)
         return Objective(p, text, float(self.scale), float(self.bias))
 
@@ -103,16 +97,16 @@ class EigenFrame:
     text: Tensor  # [C, D], rows `Vᵀ h_c`
 
     @classmethod
-    def of(cls, objective: Objective, comm: Collective | None = None) -> EigenFrame:
-        """The frame of `objective`'s prior, in float64 on the prior's device.
+    def of(cls, objective: Objective) -> EigenFrame:
+        """The frame of `objective`'s prior, in float64 on the prior's weight's device.
 
         Unlike `Whitening` as an operator, the coordinates `Y` depend on the signs and order of the
-        eigenvectors `eigh` returns, which may differ between devices or libraries. So rank 0's
-        eigenvectors are broadcast: every worker then sums gradients in the same coordinates.
+        eigenvectors `eigh` returns, which may differ between devices or libraries. No worker decomposes:
+        the frame is the prior's cached eigendecomposition, which every worker receives with the prior
+        (pickled from the driver by `refit_ray`, moved by `Objective.to`), so all sum their gradients in
+        the driver's coordinates.
         """
         whiten = Whitening.of(objective.prior).to(torch.float64, objective.prior.weight.device)
-        if comm is not None:
-            whiten = Whitening(*(comm.broadcast(t.contiguous()) for t in (whiten.U, whiten.V, whiten.S)))
         return cls(objective, whiten, objective.text_mean @ whiten.V)
 
     def rows(self, data: TrainData) -> TrainData:
@@ -183,6 +177,64 @@ class Adam:
         param.addcdiv_(self.m, denom, value=-lr / correction1)
 
 
+@dataclass
+class _Evaluations:
+    """What the evaluations of a run decide: its history, the best held-back NLL and the weights it came
+    from, and when to stop (every worker holds one; the stop flags are rank 0's, broadcast)."""
+
+    best_weight: Tensor  # [D, d], `P̂` until a held-back gain
+    early: bool  # early stopping applies: patience is set and there are held-back rows
+    history: list[Record] = field(default_factory=list)
+    best_val: float = math.inf
+    best_step: int = 0
+    since_best: int = 0
+    converged: bool = False
+    stopped_early: bool = False
+
+    def observe(self, record: Record, weight: Callable[[], Tensor], cfg: RefitConfig) -> bool:
+        """Keep `record`, and the weights (`weight()`) when its held-back NLL gains more than `min_delta`;
+        whether this worker would stop (gradient tolerance met, patience run out, or the last step)."""
+        self.history.append(record)
+        val = record["val_nll"]
+        if val is not None and float(val) < self.best_val - cfg.min_delta:
+            self.best_val, self.best_step, self.since_best = float(val), int(record["step"] or 0), 0
+            self.best_weight = weight()
+        else:
+            self.since_best += 1
+        self.converged = float(record["grad_max"]) <= cfg.tolerance  # type: ignore[arg-type]
+        self.stopped_early = self.early and self.since_best >= (cfg.patience or 0)
+        return self.converged or self.stopped_early or int(record["step"] or 0) >= cfg.max_steps
+
+    def agree(self, done: bool, comm: Collective, device: torch.device) -> bool:
+        """Rank 0's decision on every worker (so none stops alone); whether to stop."""
+        flags = torch.tensor([done, self.converged, self.stopped_early], dtype=torch.float64, device=device)
+        done, self.converged, self.stopped_early = (bool(f) for f in comm.broadcast(flags))
+        return done
+
+
+def _full_batch_gradient(
+    frame: EigenFrame, y: Tensor, train: TrainData, comm: Collective
+) -> tuple[Tensor, Tensor]:
+    """The full objective (scalar) and its gradient ∂loss/∂Y [D, d], both summed over workers: the data
+    term of every worker's rows, the prior term once (on rank 0)."""
+    loss = frame.data_term(y, train)
+    if comm.rank == 0:
+        loss = loss + frame.prior_term(y)
+    (grad,) = torch.autograd.grad(loss, y)
+    summed = comm.all_sum(torch.cat([loss.detach().reshape(1), grad.reshape(-1)]))
+    return summed[0], summed[1:].view_as(y)
+
+
+def _held_back_nll(
+    frame: EigenFrame, y: Tensor, held: TrainData, n_held: int, comm: Collective
+) -> Tensor | None:
+    """The mean held-back NLL at `y` over every worker's held-back rows (None: there are none)."""
+    if not n_held:
+        return None
+    with torch.no_grad():
+        return comm.all_sum(frame.data_term(y, held).reshape(1)) / n_held
+
+
 def run_refit(
     objective: Objective,
     train: TrainData,
@@ -200,6 +252,8 @@ def run_refit(
     kept (a gain must exceed `cfg.min_delta`), and the run stops when the gradient tolerance is met,
     `cfg.patience` evaluations passed without a gain (only when there are held-back rows), or
     `cfg.max_steps` is reached. `on_eval` receives each evaluation's record on every worker.
+    Every worker must be given the same `objective` (one posterior object, shared or unpickled, not one
+    rebuilt per worker from the factors): its eigenbases are the coordinates the gradients are summed in.
     """
     start = time.perf_counter()
     comm = comm or SingleProcess()
@@ -207,51 +261,29 @@ def run_refit(
     objective.check(train)
     objective.check(held)
     obj = objective.to(device)
-    frame = EigenFrame.of(obj, comm)
+    frame = EigenFrame.of(obj)
     train, held = frame.rows(train.to(device)), frame.rows(held.to(device))
     p_hat = obj.prior.weight  # [D, d]
 
     counts = comm.all_sum(torch.tensor([len(train), len(held)], dtype=torch.float64, device=device))
     n_held = int(counts[1])
-    early = cfg.patience is not None and n_held > 0
+    evals = _Evaluations(p_hat.clone(), early=cfg.patience is not None and n_held > 0)
 
     y = torch.zeros_like(p_hat, requires_grad=True)  # whitened offset from P̂ in the eigenbases   [D, d]
     opt = Adam(y)
-    history: list[Record] = []
-    best_val, best_step, best_weight = math.inf, 0, p_hat.clone()
-    since_best = 0
-    stopped_early = converged = False
     step = 0
     while True:
-        loss = frame.data_term(y, train)
-        if comm.rank == 0:
-            loss = loss + frame.prior_term(y)
-        (grad,) = torch.autograd.grad(loss, y)
-        summed = comm.all_sum(torch.cat([loss.detach().reshape(1), grad.reshape(-1)]))
-        grad = summed[1:].view_as(y)  # full-batch ∂loss/∂Y   [D, d]
-
+        loss, grad = _full_batch_gradient(frame, y, train, comm)  # full-batch ∂loss/∂Y   [D, d]
         if step % cfg.eval_every == 0 or step >= cfg.max_steps:
-            with torch.no_grad():
-                val = comm.all_sum(frame.data_term(y, held).reshape(1)) / n_held if n_held else None
+            val = _held_back_nll(frame, y, held, n_held, comm)
             record: Record = {
                 "step": step,
-                "train_loss": float(summed[0]),
+                "train_loss": float(loss),
                 "val_nll": None if val is None else float(val),
                 "grad_max": float(grad.abs().max()),
                 "lr": cfg.lr_at(step),
             }
-            history.append(record)
-            if val is not None and float(val) < best_val - cfg.min_delta:
-                best_val, best_step, since_best = float(val), step, 0
-                best_weight = frame.weight(y.detach())
-            else:
-                since_best += 1
-            converged = float(record["grad_max"]) <= cfg.tolerance  # type: ignore[arg-type]
-            stopped_early = early and since_best >= (cfg.patience or 0)
-            done = converged or stopped_early or step >= cfg.max_steps
-            flags = torch.tensor([done, converged, stopped_early], dtype=torch.float64, device=device)
-            flags = comm.broadcast(flags)
-            done, converged, stopped_early = (bool(f) for f in flags)
+            done = evals.agree(evals.observe(record, lambda: frame.weight(y.detach()), cfg), comm, device)
             if on_eval is not None:
                 on_eval(record)
             if done:
@@ -260,14 +292,15 @@ def run_refit(
         opt.step(y, grad, cfg.lr_at(step))
         step += 1
 
-    if not early:
+    best_step, best_weight = evals.best_step, evals.best_weight
+    if not evals.early:
         best_step, best_weight = step, frame.weight(y.detach())
     return RefitResult(
         weight=best_weight.cpu(),
-        history=history,
+        history=evals.history,
         best_step=best_step,
         steps_run=step,
-        stopped_early=stopped_early,
-        converged=converged,
+        stopped_early=evals.stopped_early,
+        converged=evals.converged,
         seconds=time.perf_counter() - start,
     )

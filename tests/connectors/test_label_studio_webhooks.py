@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from connectors.annotator_bot import BotAnnotator
 from connectors.label_studio import (
     WEBHOOK_ACTIONS,
+    WEBHOOK_PAYLOADS,
     LabelStudioClient,
     Prediction,
     Project,
@@ -115,7 +117,17 @@ def test_webhook_arguments_are_checked_before_any_request() -> None:
         client.ensure_webhook(project, "http://127.0.0.1:1/hook", actions=())
 
 
-def test_campaign_serve_handles_every_action_the_connector_registers() -> None:
-    from pipeline.rounds.serve import TRIGGERS
+def test_campaign_serve_handles_every_action_the_connector_registers(tmp_path: Path) -> None:
+    from pipeline.rounds.config import CampaignConfig
+    from pipeline.rounds.layout import write_config
+    from pipeline.rounds.serve import WebhookServer
 
-    assert sorted(TRIGGERS) == sorted(WEBHOOK_ACTIONS)
+    write_config(str(tmp_path), CampaignConfig(pool="p", classes="c", posterior="q", project="hooks"))
+    server = WebhookServer(str(tmp_path), "s" * 16)  # not started: handle() only checks and counts
+    try:
+        for action, (key, kind) in WEBHOOK_PAYLOADS.items():
+            event = {"action": action, key: kind(), "project": {"title": "hooks"}}
+            assert server.handle(json.dumps(event).encode())[1] == {"accepted": action, "step": "now"}
+    finally:
+        server.close()
+    assert sorted(server.stats.events) == sorted(WEBHOOK_ACTIONS)

@@ -1,15 +1,54 @@
-"""`bayescurate bench active-learning --quick` runs its campaigns in-process on tiny sizes and writes
-well-formed outputs: every method and round, labels increasing, finite metrics, shares in [0, 1], goals."""
+"""`bayescurate bench active-learning --quick` runs its campaigns in-process on tiny sizes, and what it
+reports is what its campaign directories hold: the picks, the oracle's answers (the world's labels), the
+curves, and the goals' verdicts, recomputed here from the runs' own numbers."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from jobs.bench_active_learning import main
+
+
+def _world_labels(pool: Path) -> dict[str, tuple[str, str]]:
+    """sample_id -> (shape, domain) of the pool's embeddings, quarantine excluded: the world's truth."""
+    out: dict[str, tuple[str, str]] = {}
+    for part in sorted(pool.glob("part-*.parquet")):
+        t = pq.read_table(part, columns=["sample_id", "shape", "domain"]).to_pydict()
+        out |= {sid: (y, d) for sid, y, d in zip(t["sample_id"], t["shape"], t["domain"], strict=True)}
+    return out
+
+
+def _accuracy(run: dict[str, Any], predictive: str = "Bayes") -> list[float]:
+    """The run's accuracy curve: the starting posterior's, then after every round."""
+    return [run["baseline"][predictive]["accuracy"]] + [r[predictive]["accuracy"] for r in run["rounds"]]
+
+
+def _check_run(run: dict[str, Any], cfg: dict[str, Any], truth: dict[str, tuple[str, str]]) -> None:
+    """A run's record against its campaign directory and the world's labels."""
+    budget, target = cfg["budget"], cfg["target_domain"]
+    assert [r["round"] for r in run["rounds"]] == list(range(cfg["rounds"]))
+    assert [r["labels"] for r in run["rounds"]] == [budget * (i + 1) for i in range(cfg["rounds"])]
+    for point in [run["baseline"], *run["rounds"]]:
+        for predictive in ("MAP", "Bayes"):
+            assert all(math.isfinite(point[predictive][m]) for m in ("accuracy", "nll", "ece", "brier"))
+            assert 0.0 <= point[predictive]["accuracy"] <= 1.0 and 0.0 <= point[predictive]["ece"] <= 1.0
+    for r in run["rounds"]:
+        picks = pq.read_table(Path(run["directory"]) / f"rounds/{r['round']:03d}/picks.parquet").to_pydict()
+        assert r["picks"] == picks["sample_id"] and len(set(r["picks"])) == budget
+        assert r["pick_labels"] == [truth[s][0] for s in r["picks"]]  # the oracle answered the world's labels
+        assert r["pick_domains"] == [truth[s][1] for s in r["picks"]]
+        assert r["target_share"] == sum(truth[s][1] == target for s in r["picks"]) / budget
+        assert r["scores"]["median"] == statistics.median(picks["score"])
+    every_pick = [p for r in run["rounds"] for p in r["picks"]]
+    assert len(set(every_pick)) == len(every_pick)  # a sample is labelled once
 
 
 @pytest.mark.slow
@@ -19,35 +58,50 @@ def test_quick_run_writes_results_curves_and_goals(tmp_path: Path) -> None:
     cfg = doc["config"]
     assert set(cfg["methods"]) == {"random", "epig"} and cfg["rounds"] == 2 and cfg["seeds"] == [0]
 
-    runs = {(r["method"], r["seed"]) for r in doc["runs"]}
-    assert runs == {(m, s) for m in cfg["methods"] for s in cfg["seeds"]}
+    # Greedy EPIG's stochastic twin runs beside it: the same campaign but for `batch: stochastic`, beta 1.
+    assert [(r["row"], r["method"], r["batch"], r["seed"]) for r in doc["runs"]] == [
+        ("random", "random", None, 0), ("epig", "epig", None, 0), ("epig-stochastic", "epig", "stochastic", 0)
+    ]  # fmt: skip
+    runs = {r["row"]: r for r in doc["runs"]}
+    configs = {
+        row: yaml.safe_load((Path(r["directory"]) / "campaign.yaml").read_text()) for row, r in runs.items()
+    }
+    greedy = configs["epig"] | {"selection": configs["epig"]["selection"] | {"batch": "stochastic"}}
+    assert configs["epig-stochastic"] == greedy and greedy["selection"]["beta"] == 1.0
+
+    truth = _world_labels(Path(configs["random"]["pool"]))
     for run in doc["runs"]:
-        assert [r["round"] for r in run["rounds"]] == list(range(cfg["rounds"]))
-        labels = [r["labels"] for r in run["rounds"]]
-        assert labels == [cfg["budget"] * (i + 1) for i in range(cfg["rounds"])]  # strictly increasing
-        for point in [run["baseline"], *run["rounds"]]:
-            for predictive in ("MAP", "Bayes"):
-                for metric in ("accuracy", "nll", "ece", "brier"):
-                    assert math.isfinite(point[predictive][metric])
-                assert 0.0 <= point[predictive]["accuracy"] <= 1.0
-                assert 0.0 <= point[predictive]["ece"] <= 1.0
-        for r in run["rounds"]:
-            assert 0.0 <= r["target_share"] <= 1.0
-            assert len(r["picks"]) == cfg["budget"] and len(set(r["picks"])) == cfg["budget"]
-        every_pick = [p for r in run["rounds"] for p in r["picks"]]
-        assert len(set(every_pick)) == len(every_pick)  # a sample is labelled once
-
-    assert set(doc["methods"]) == set(cfg["methods"])
-    for entry in doc["methods"].values():
-        assert entry["labels"] == [0, cfg["budget"], 2 * cfg["budget"]]
-        assert all(0.0 <= s <= 1.0 for s in entry["target_share"])
-    # The corrupt pool files were quarantined, and the rest embedded.
+        _check_run(run, cfg, truth)
+    # The corrupt pool files were quarantined; the campaigns chose from the rest.
     pool = doc["world"]["embedded"]["pool"]
-    assert sum(pool["quarantined"].values()) >= 1 and pool["embedded"] < pool["rows"]
+    assert sum(pool["quarantined"].values()) >= 1 and pool["embedded"] == len(truth) < pool["rows"]
 
-    assert len(doc["goals"]) == 3 and all(g["met"] in (True, False, None) for g in doc["goals"])
-    assert doc["goals"][0]["met"] in (True, False)  # random and epig ran: the first goal is evaluated
+    # One seed: each row of the table is its run's curve.
+    assert list(doc["methods"]) == list(runs)
+    for row, entry in doc["methods"].items():
+        assert entry["labels"] == [0, cfg["budget"], 2 * cfg["budget"]]
+        assert entry["Bayes.accuracy"]["mean"] == _accuracy(runs[row])
+        assert entry["MAP.accuracy"]["mean"] == _accuracy(runs[row], "MAP")
+        assert entry["target_share"] == [r["target_share"] for r in runs[row]["rounds"]]
+
+    # The goals, recomputed from the curves.
+    reach, above, joint, stochastic = doc["goals"]
+    random, epig, power = (_accuracy(runs[row]) for row in ("random", "epig", "epig-stochastic"))
+    needed = next((n for n, a in zip(entry["labels"], epig, strict=True) if a >= random[-1] - 1e-12), None)
+    assert reach["numbers"]["Bayes"]["epig_labels"] == needed
+    assert reach["met"] is (needed is not None and needed <= cfg["budget"])  # half of random's 2 rounds
+    assert above["met"] is None and joint["met"] is None  # entropy, BALD, EPIG-independent: not run
+    gain_greedy, gain_power = epig[-1] - random[-1], power[-1] - random[-1]
+    assert stochastic["met"] is (gain_power >= 0.9 * gain_greedy)  # one seed: its gain is the mean's
+    ratio = stochastic["numbers"]["Bayes"]["ratio"]
+    assert ratio is None if gain_greedy == 0 else ratio == pytest.approx(gain_power / gain_greedy)
+
     summary = (tmp_path / "summary.md").read_text()
+    verdict = "**met**" if stochastic["met"] else "**not met**"
+    assert (
+        f"per seed and on the mean: {verdict}" in summary
+        and f"| epig-stochastic | {2 * cfg['budget']} |" in summary
+    )
     assert "## Goals" in summary and "| method | labels | Bayes accuracy |" in summary
     assert (tmp_path / "curves.png").stat().st_size > 20_000
 

@@ -33,3 +33,9 @@ def test_quick_bench_writes_every_figure(ray_session: None, tmp_path: Path) -> N
     assert results["runs"][0]["plain_seconds"] > 0 and results["runs"][1]["plain"] is None
     assert results["scaling"]["rows_ratio"] == 2.0
     assert set(results["by_rows"]) == {"600", "1200"}
+    human = results["human_batch"]
+    assert human["rows"] == 600 and human["budget"] == 10 and human["picks"] == 10
+    norm = results["norm_check"]
+    assert norm["rows"] == results["runs"][0]["candidates"] and norm["k"] == 30
+    assert -1.0 <= norm["spearman"] <= 1.0 and 0.0 <= norm["top_k_overlap"] <= 1.0
+    assert human["plain"]["picks"] == 10 and human["plain_seconds"] > 0

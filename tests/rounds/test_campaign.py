@@ -13,12 +13,17 @@ import yaml
 
 from jobs import campaign as campaign_cli
 from pipeline.artifacts.posterior import read_info
+from pipeline.bayes.acquisition import epig, select_batch_reference
+from pipeline.bayes.metrics import entropy
 from pipeline.flows.embed import EmbedConfig, embed
 from pipeline.flows.select import SelectConfig, select
 from pipeline.flows.zeroshot import ZeroshotConfig, zeroshot
 from pipeline.io import tensors
 from pipeline.rounds import campaign
+from pipeline.rounds.campaign import Campaign
+from pipeline.rounds.data import read_cache
 from pipeline.rounds.labels import read_rows
+from pipeline.selection import candidate_problem
 from tests.fixtures_world import World
 
 pytestmark = pytest.mark.slow
@@ -26,6 +31,19 @@ pytestmark = pytest.mark.slow
 
 def _picks(directory: Path, index: int) -> list[str]:
     return pq.read_table(directory / "rounds" / f"{index:03d}" / "picks.parquet")["sample_id"].to_pylist()
+
+
+def _stored_map_accuracy(directory: Path) -> float:
+    """MAP accuracy of the starting posterior on the campaign's evaluation set, from the embeddings `embed`
+    stored (not re-projected activations): the class whose text mean is nearest by cosine (the softmax's
+    argmax), against the classes file's label column."""
+    cfg, cache = campaign.read_config(str(directory)), read_cache(str(directory))
+    text, _ = cache.head(cfg.posterior).text_embeddings(cache.text_acts, cache.text_offset)  # [C, D]
+    table = pq.read_table(sorted(Path(str(cfg.eval)).glob("part-*.parquet")), columns=["mean", "shape"])
+    mean = torch.tensor(table["mean"].to_pylist(), dtype=torch.float64)  # [N, D]
+    cos = torch.nn.functional.normalize(mean, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
+    truth = torch.tensor([cache.classes.index(y) for y in table["shape"].to_pylist()])
+    return float((cos.argmax(dim=1) == truth).double().mean())
 
 
 def _write_config(path: Path, world: World, **overrides: object) -> Path:
@@ -52,7 +70,7 @@ def test_an_oracle_campaign_runs_its_rounds_through_the_cli(
         for predictive in ("MAP", "Bayes"):
             assert set(r["metrics"][predictive]) == {"accuracy", "nll", "ece", "brier"}
         assert set(r["metrics"]["domains"]) == {"blur"}
-    assert report["baseline"]["MAP"]["accuracy"] > 0
+    assert report["baseline"]["MAP"]["accuracy"] == pytest.approx(_stored_map_accuracy(directory), abs=1e-12)
 
     # Picks never repeat; labelled and pushed samples left the pool.
     first, second = _picks(directory, 0), _picks(directory, 1)
@@ -115,16 +133,18 @@ def test_a_round_posterior_works_with_embed_zeroshot_and_select(
                 posterior=str(posterior),
                 classes=classes,
                 out=str(tmp_path / "s0"),
+                tracking=False,
             )
         )
     emb = tmp_path / "emb"
     embed(
         EmbedConfig(
-            images=str(campaign_world.root / "pool"),
+            images=str(campaign_world.images / "pool"),
             posterior=str(posterior),
             out=str(emb),
             executor="local",
             activations=True,
+            tracking=False,
         )
     )
     table = pq.read_table(sorted(emb.glob("part-*.parquet"))[0])
@@ -140,6 +160,7 @@ def test_a_round_posterior_works_with_embed_zeroshot_and_select(
             out=str(tmp_path / "s1"),
             budget=3,
             draws=8,
+            tracking=False,
         )
     )
     assert result.selected == 3
@@ -153,10 +174,46 @@ def test_a_round_posterior_works_with_embed_zeroshot_and_select(
 
 @pytest.mark.parametrize("method", ["random", "entropy", "bald", "epig-independent"])
 def test_every_acquisition_method_runs_a_round(campaign_world: World, tmp_path: Path, method: str) -> None:
+    """Round 0's picks against the method's scores computed here on the same candidate rows: the top
+    entropies of the probit predictive, the top EPIG from independent per-logit noise, the plain greedy
+    BALD loop, and for random any candidates, scoring nothing."""
     directory = str(tmp_path / method)
     campaign.init(directory, campaign_world.config(method=method, max_rounds=1), log=lambda _: None)
     report = campaign.run(directory, 1, log=lambda _: None)
-    assert report.state.completed == 1 and report.state.rounds[0].picks == 6
+    assert report.state.completed == 1 and report.state.rounds[0].picked == 6
+    picks = pq.read_table(Path(directory) / "rounds/000/picks.parquet").to_pydict()
+    ids, scores = picks["sample_id"], picks["score"]
+
+    c = Campaign(directory)  # round 0 selects under the starting posterior with the campaign's seed
+    head, text, settings = c.start_head, c.text, c.cfg.selection
+    pool, targets = c.rescored(head)
+    assert targets is not None
+    problem, cand = candidate_problem(head, text, pool, settings, targets=targets)
+    assert len(set(ids)) == 6 and set(ids) <= set(cand.sample_ids) and len(cand) < len(pool)  # the kNN step
+    at = [cand.sample_ids.index(s) for s in ids]
+    if method == "random":
+        assert scores == [0.0] * 6
+    elif method == "entropy":  # top-k, scored in float32
+        h = entropy(problem.probs)  # [Nc], float64
+        assert scores == pytest.approx(h[at].tolist(), rel=1e-4)
+        rest = [i for i in range(len(cand)) if i not in at]
+        assert float(h[at].min()) >= float(h[rest].max()) - 1e-5
+    elif method == "epig-independent":  # top-k of independent noise per logit, pool and targets apart
+        gen = torch.Generator().manual_seed(settings.seed)
+        lp = head.logits(cand.acts, text.acts, image_offset=cand.offsets, text_offset=text.offsets)
+        lt = head.logits(targets.acts, text.acts, image_offset=targets.offsets, text_offset=text.offsets)
+        s = epig(lp.sample_probs(settings.draws, gen), lt.sample_probs(settings.draws, gen))  # [Nc]
+        top = torch.argsort(s, descending=True)[:6].tolist()
+        assert ids == [cand.sample_ids[i] for i in top]
+        assert scores == pytest.approx(s[top].tolist(), rel=1e-10)
+    else:  # BALD: greedy, each pick conditions the posterior before the next is scored
+        plain = select_batch_reference(
+            head, cand.acts, text.acts, 6, method="bald", k=settings.draws,
+            generator=torch.Generator().manual_seed(settings.seed), pool_offsets=cand.offsets,
+            text_offset=text.offsets,
+        )  # fmt: skip
+        assert ids == [cand.sample_ids[i] for i in plain.indices]
+        assert scores == pytest.approx(plain.scores, rel=1e-8)
 
 
 def test_init_is_idempotent_and_refuses_a_different_config(campaign_world: World, tmp_path: Path) -> None:
@@ -183,10 +240,11 @@ def test_bad_inputs_are_refused_with_a_clear_message(campaign_world: World, tmp_
     no_acts = tmp_path / "no-acts"
     embed(
         EmbedConfig(
-            images=str(campaign_world.root / "targets"),
+            images=str(campaign_world.images / "targets"),
             posterior=str(campaign_world.posterior),
             out=str(no_acts),
             executor="local",
+            tracking=False,
         )
     )
     with pytest.raises(ValueError, match=r"has no 'acts' column \(embed with --activations\)"):

@@ -50,7 +50,7 @@ def test_streamed_rounds_choose_what_in_memory_rounds_choose(
         _round(tmp_path / "stream", 1)["sample_id"]
     )
     state = campaign.status(str(tmp_path / "stream"))
-    assert [r["labels_used"] for r in state["rounds"]] == [5, 10]
+    assert [r.labels_used for r in state.rounds] == [5, 10]
 
 
 def test_a_streamed_round_without_targets_refuses_epig_and_names_the_fix(

@@ -118,9 +118,10 @@ def test_a_round_through_label_studio_and_mlflow(
     state = read_state(str(directory))
     r0 = state.rounds[0]
     assert r0.state is RoundState.UPDATED
-    c = r0.counts
-    assert (c["tasks"], c["answered"], c["labelled"], c["skipped"], c["quarantined"]) == (5, 5, 3, 1, 1)
-    assert c["multi_annotated"] == 2 and c["agreement"] == pytest.approx(0.75)
+    c = r0.counts.labels
+    assert c is not None and r0.counts.selection.tasks == 5
+    assert (c.tasks, c.answered, c.labelled, c.skipped, c.quarantined) == (5, 5, 3, 1, 1)
+    assert c.multi_annotated == 2 and c.agreement == pytest.approx(0.75)
     assert r0.labels_used == 3
     labels = {r["sample_id"]: r["label"] for r in _table(directory / "rounds/000/labels.parquet")}
     assert labels[picks[0]] == truth[picks[0]] and labels[picks[2]] == truth[picks[2]]

@@ -24,7 +24,7 @@ from jobs import embed, fit_posterior, make_world, select, zeroshot
 from pipeline.artifacts.posterior import read_info
 from pipeline.flows.zeroshot import embedding_files
 from pipeline.io import storage
-from pipeline.rounds import campaign, lease
+from pipeline.rounds import layout, lease
 from pipeline.rounds.state import read_state
 from tests.fixtures_s3 import S3Server
 from tests.fixtures_world import World
@@ -53,7 +53,7 @@ def test_make_world_fit_embed_zeroshot_with_every_output_on_s3(
     assert info["data"]["rows"] == 160 and storage.is_file(storage.join(post, "image.safetensors"))
 
     args = ["--images", world, "--posterior", post, "--out", emb, "--rows-per-shard", "40", "--activations"]
-    args += common
+    args += [*common, "--no-tracking"]
     assert embed.main(args) == 0
     ids = _ids(emb)
     assert len(ids) == len(set(ids)) and 0 < len(ids) < 160
@@ -72,7 +72,7 @@ def test_make_world_fit_embed_zeroshot_with_every_output_on_s3(
 
     sel = storage.join(root, "sel")
     args = ["--pool", emb, "--posterior", post, "--classes", classes, "--out", sel, "--budget", "5"]
-    assert select.main([*args, "--draws", "8"]) == 0
+    assert select.main([*args, "--draws", "8", "--no-tracking"]) == 0
     picks = storage.read_parquet(storage.join(sel, "selection.parquet"))["sample_id"].to_pylist()
     assert len(picks) == 5 and set(picks) <= set(ids)
     assert storage.read_json(storage.join(sel, "selection.json"))["selected"] == 5
@@ -86,7 +86,7 @@ def test_an_oracle_campaign_runs_two_rounds_in_an_s3_directory(
     config = s3_server.uri("configs", "campaign.yaml")  # the config may live on the object store too
     storage.write_text(config, yaml.safe_dump(campaign_world.config(max_rounds=2).model_dump(mode="json")))
     assert campaign_cli.main(["init", directory, "--config", config]) == 0
-    assert campaign.campaign_name(directory) == "blur-shapes"
+    assert layout.campaign_name(directory) == "blur-shapes"
     assert campaign_cli.main(["run", directory, "--rounds", "2"]) == 0
     assert "2 of 2 rounds done" in capsys.readouterr().out
 

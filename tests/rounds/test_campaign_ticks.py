@@ -204,6 +204,9 @@ def test_the_label_studio_source_prefers_a_named_state_dir_then_the_environment(
     named = LabelStudioSource("a-project", ["a", "b"], state_dir=str(services_state_dir))
     assert named.client.url == label_studio_server.url
     assert LabelStudioSource("a-project", ["a", "b"]).client.url == "http://127.0.0.1:9"
-    monkeypatch.delenv(TOKEN)
+    monkeypatch.delenv(TOKEN)  # a server of your own without a token: refused, not the local one instead
+    with pytest.raises(ValueError, match=f"{TOKEN}"):
+        _ = LabelStudioSource("a-project", ["a", "b"]).client
+    monkeypatch.delenv(URL)
     monkeypatch.setenv("BAYESCURATE_STATE_DIR", str(services_state_dir))
     assert LabelStudioSource("a-project", ["a", "b"]).client.url == label_studio_server.url

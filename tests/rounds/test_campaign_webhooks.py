@@ -25,13 +25,14 @@ import yaml
 
 from connectors import processes
 from connectors.annotator_bot import answer_open_tasks
-from connectors.label_studio import LabelStudioClient, Project
+from connectors.label_studio import WEBHOOK_ACTIONS, LabelStudioClient, Project
 from jobs import campaign as campaign_cli
 from jobs.annotate_bot import bot_session, read_truth
 from pipeline.rounds import campaign
 from pipeline.rounds.labels import read_rows
-from pipeline.rounds.serve import SECRET_ENV, SECRET_HEADER, TRIGGERS, WebhookServer
+from pipeline.rounds.serve import WebhookServer
 from pipeline.rounds.state import RoundState, read_state
+from pipeline.rounds.webhook import SECRET_ENV, SECRET_HEADER
 from tests.fixtures_world import World
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -110,7 +111,11 @@ def test_label_studio_webhooks_step_the_campaign(
     project = client.find_project(name)
     assert project is not None
     (hook,) = _hooks(client, project)
-    assert (hook.url, hook.headers, sorted(hook.actions)) == (url, {SECRET_HEADER: secret}, sorted(TRIGGERS))
+    assert (hook.url, hook.headers, sorted(hook.actions)) == (
+        url,
+        {SECRET_HEADER: secret},
+        sorted(WEBHOOK_ACTIONS),
+    )
     monkeypatch.setenv(SECRET_ENV, secret)
     campaign.init(str(directory), campaign.read_config(str(directory)), log=lambda _: None)
     assert [h.id for h in _hooks(client, project)] == [hook.id]
@@ -170,10 +175,10 @@ def test_label_studio_webhooks_step_the_campaign(
 
         # An answer to round 1, then its deletion (ANNOTATIONS_DELETED): a tombstone, and the count drops.
         assert answer_open_tasks(bot, client, project, truth, limit=1).answered == 1
-        _poll("round 1's answer", lambda: read_state(str(directory)).rounds[1].counts.get("answered") == 1)
+        _poll("round 1's answer", lambda: read_state(str(directory)).rounds[1].counts.answered == 1)
         (answer,) = client.annotations(project, round=1)
         client.sdk.annotations.delete(id=answer.annotation_id)
-        _poll("the deletion", lambda: read_state(str(directory)).rounds[1].counts.get("answered") == 0)
+        _poll("the deletion", lambda: read_state(str(directory)).rounds[1].counts.answered == 0)
         rows = [r for r in read_rows(str(directory)) if r.annotation_id == f"ls:{answer.annotation_id}"]
         assert [r.deleted for r in rows] == [False, True]
         assert server.stats.events["ANNOTATIONS_DELETED"] == 1
@@ -190,7 +195,7 @@ def test_label_studio_webhooks_step_the_campaign(
         )
         _poll(
             "the accepted predictions",
-            lambda: read_state(str(directory)).rounds[1].counts.get("answered") == 2,
+            lambda: read_state(str(directory)).rounds[1].counts.answered == 2,
         )
         latest = {r.annotation_id: r for r in read_rows(str(directory)) if r.round == 1}  # last version each
         accepted = {r.task_id: r.label for r in latest.values() if not r.deleted}

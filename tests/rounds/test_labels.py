@@ -3,11 +3,15 @@ that are not a class resolve as documented."""
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.rounds.labels import (
+    QUARANTINE_SCHEMA,
+    SCHEMA,
     Annotation,
+    Quarantined,
     append,
     changes,
     labels_table,
@@ -58,7 +62,7 @@ def test_skips_count_as_answered_but_are_no_labels() -> None:
     res = resolve(rows, CLASSES)
     assert res.answered == {"s1", "s2"} and res.skipped == {"s1"} and set(res.labels) == {"s2"}
     counts = round_counts(res, ["s1", "s2", "s3"])
-    assert (counts["tasks"], counts["answered"], counts["labelled"], counts["skipped"]) == (3, 2, 1, 1)
+    assert (counts.tasks, counts.answered, counts.labelled, counts.skipped) == (3, 2, 1, 1)
 
 
 def test_several_annotators_majority_then_latest_and_agreement() -> None:
@@ -80,7 +84,7 @@ def test_several_annotators_majority_then_latest_and_agreement() -> None:
     assert res.labels["s3"].annotators == 2  # a counts once: their latest (circle) ties b's star ...
     assert res.labels["s3"].label == "star"  # ... and the later of the two wins
     counts = round_counts(res, ["s1", "s2", "s3"])
-    assert counts["multi_annotated"] == 3
+    assert counts.multi_annotated == 3
 
 
 def test_a_label_that_is_not_a_class_is_quarantined_with_the_reason(tmp_path: Path) -> None:
@@ -91,7 +95,7 @@ def test_a_label_that_is_not_a_class_is_quarantined_with_the_reason(tmp_path: Pa
     assert "'hexagon' is not one of the classes" in res.quarantined[0].reason
     assert write_quarantine(str(tmp_path), res.quarantined) == 2
     assert write_quarantine(str(tmp_path), res.quarantined) == 0  # recorded once
-    assert round_counts(res, ["s1", "s2"])["quarantined"] == 1
+    assert round_counts(res, ["s1", "s2"]).quarantined == 1
 
 
 def test_a_deleted_annotation_leaves_a_tombstone_and_stops_counting(tmp_path: Path) -> None:
@@ -112,3 +116,13 @@ def test_the_snapshot_and_its_digest_depend_on_the_labels_only() -> None:
     assert labels_table(a).column("sample_id").to_pylist() == ["s1", "s2"]
     c = resolve([ann("s1", 1, "square"), ann("s2", 2, "star")], CLASSES)
     assert c.digest() != a.digest()
+
+
+def test_the_tables_columns_are_the_fields_of_their_records(tmp_path: Path) -> None:
+    assert set(SCHEMA.names) == {f.name for f in fields(Annotation)} | {"collected_at"}
+    assert QUARANTINE_SCHEMA.names == [f.name for f in fields(Quarantined)]
+    edited = replace(ann("s1", 1, "circle", minutes=3), task_id=None, round=2)
+    append(str(tmp_path), [edited], T0)
+    assert read_rows(str(tmp_path)) == [edited]  # every field back as it went in (a missing task id too)
+    [tombstone] = changes([edited], [], {"s1"})
+    assert tombstone == replace(edited, label=None, deleted=True)

@@ -60,3 +60,19 @@ def test_step_exits_3_while_another_process_holds_the_lease_and_takes_over_a_dea
     # The owner died without releasing anything: the next acquire takes the lease over.
     with lease.acquire(str(tmp_path), "successor") as taken:
         assert taken.owner["pid"] == os.getpid()
+
+
+def test_a_lease_lost_during_a_failed_step_is_logged_and_the_steps_error_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def lost() -> None:
+        raise lease.LeaseLost("the lease expired before it was renewed")
+
+    held = lease.Lease(str(tmp_path), {"pid": os.getpid()}, lost)
+    with pytest.raises(RuntimeError, match="the step's own error"), held:
+        raise RuntimeError("the step's own error")
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("pipeline.rounds.lease", "WARNING", "the lease expired before it was renewed")
+    ]
+    with pytest.raises(lease.LeaseLost), held:  # with no error of its own, the step reports the lost lease
+        pass

@@ -250,7 +250,7 @@ def test_a_step_submitted_as_a_ray_job_advances_the_campaign(
     assert info.status == JobStatus.SUCCEEDED, logs[-3000:]
     state = read_state(str(directory))
     assert [(r.index, r.state) for r in state.rounds] == [(0, RoundState.UPDATED)]
-    assert state.rounds[0].counts["labelled"] == 6
+    assert state.rounds[0].counts.labels is not None and state.rounds[0].counts.labels.labelled == 6
     for what in ("selected", "pushed", "collected", "trained", "updated"):
         assert f"round 0: {what}" in logs, (what, logs[-3000:])
 

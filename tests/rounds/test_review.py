@@ -101,11 +101,11 @@ def test_rounds_log_their_sheets_and_per_class_figures_and_status_names_the_wors
         (REPO_ROOT / "out" / "test-artifacts").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, REPO_ROOT / "out" / "test-artifacts" / f"picks-round-{r.index}.png")
         sheet = Image.open(path)
-        lay = cs.layout(r.picks, review.SHEET_COLUMNS, 128, title=True, legend=True)
+        lay = cs.layout(r.picked, review.SHEET_COLUMNS, 128, title=True, legend=True)
         assert sheet.size == (lay.width, lay.height)  # every pick, and the legend of the answers
         # The oracle answered every pick: each cell is framed green or red, none is still unanswered.
         rgb = sheet.convert("RGB")
-        frames = {rgb.getpixel((x0 + 1, y0 + 1)) for x0, y0, _, _ in map(lay.cell, range(r.picks))}
+        frames = {rgb.getpixel((x0 + 1, y0 + 1)) for x0, y0, _, _ in map(lay.cell, range(r.picked))}
         assert frames <= {cs.GREEN, cs.RED}
 
     parent = {a.path for a in ml.list_artifacts(state.mlflow_run_id)}
