@@ -206,9 +206,8 @@ def run_bench(cfg: BenchCurateConfig) -> dict[str, Any]:
         )  # fmt: skip
         results["human_batch"] = {"rows": runs[0]["rows"], "budget": cfg.human_budget} | human
         results["human_batch"] |= {"plain": plain, "plain_seconds": plain["seconds"]}
-        print(
-            f"human batch of {cfg.human_budget}: {human['seconds']:.1f} s on Ray, {plain['seconds']:.1f} s plain"
-        )
+        seconds = f"{human['seconds']:.1f} s on Ray, {plain['seconds']:.1f} s plain"
+        print(f"human batch of {cfg.human_budget}: {seconds}", flush=True)
     if runs and cfg.norm_check:
         results["norm_check"] = _norm_check(cfg, first, work)
         print(f"norm check: spearman {results['norm_check']['spearman']:.4f}", flush=True)

@@ -185,7 +185,7 @@ def knn_candidates(
     queries = embed_for_search(targets.mean.float(), targets.var.float().clamp_min(0), metric)  # [Nt, D']
     shared = runtime.share(executor, queries)
     shared_rescore = None if rescore is None else runtime.share(executor, rescore)
-    tasks = runtime.tasks(executor)
+    tasks = runtime.tasks(executor, num_cpus=1.0)  # compute-bound: one per core
     merged: tuple[np.ndarray, np.ndarray] | None = None
     handles = [
         tasks.submit(knn_partial, shard, shared, k, metric, shared_rescore, exclude) for shard in shards
