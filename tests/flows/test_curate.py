@@ -17,8 +17,10 @@ from pipeline.bayes.batches import batch_keys
 from pipeline.bayes.head import Activations
 from pipeline.classes import class_text_features, read_classes
 from pipeline.flows.curate import CurateConfig, curate
+from pipeline.io import storage
 from pipeline.selection import SelectionSettings, choose, read_embeddings
 from pipeline.stages.embed import ModelSpec
+from tests.fixtures_s3 import S3Server
 from tests.fixtures_world import World
 
 pytestmark = pytest.mark.slow
@@ -184,3 +186,40 @@ def test_mistakes_are_named(campaign_world: World, tmp_path: Path) -> None:
     (broken / "part-0.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(ValueError, match="not readable Parquet"):
         curate(_config(campaign_world, tmp_path / "x", pool=str(broken)))
+
+
+# ---------------------------------------------------------------------------------------------- on S3
+
+
+def _upload(folder: Path, uri: str) -> str:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(uri, *path.relative_to(folder).parts), path.read_bytes())
+    return uri
+
+
+def test_curates_from_and_to_s3_as_it_does_on_disk(
+    campaign_world: World, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Pool, targets and outputs on the real (moto) S3 server: the same picks and scores as on local disk."""
+    root = s3_server.uri("curate")
+    pool = _upload(Path(campaign_world.pool), storage.join(root, "pool"))
+    targets = _upload(Path(campaign_world.targets), storage.join(root, "targets"))
+    out = storage.join(root, "out")
+    settings = {"budget": 8, "batch": "stochastic", "materialize": "parquet"}
+    local = curate(_config(campaign_world, tmp_path / "local", **settings))
+    remote = curate(_config(campaign_world, tmp_path / "unused", **settings).model_copy(
+        update={"pool": pool, "targets": targets, "out": out}
+    ))  # fmt: skip
+    assert remote.picks == local.picks == 8
+    ours = storage.read_parquet(storage.join(out, "curated.parquet"))
+    theirs = pq.read_table(tmp_path / "local" / "curated.parquet")
+    for column in ("sample_id", "score", "rank", "predicted"):
+        assert ours[column].to_pylist() == theirs[column].to_pylist(), column
+    report = storage.read_json(storage.join(out, "curate.json"))
+    written = report["materialized"]
+    assert report["picks"] == 8 and written["rows"] + len(written["missing"]) == 8
+    assert storage.list_files(storage.join(out, "images"), suffix=".parquet")
+    again = curate(_config(campaign_world, tmp_path / "unused", **settings).model_copy(
+        update={"pool": pool, "targets": targets, "out": out}
+    ))  # fmt: skip
+    assert again.processed_shards == 0  # resumed from the score markers on S3
