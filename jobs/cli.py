@@ -7,6 +7,7 @@ importing torch or Ray.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -91,7 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(module.main(rest))
 
 
+class _Lowercase(logging.Formatter):
+    """`warning: ...`, `error: ...`: the library's log lines read like the CLI's own messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def entrypoint() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lowercase())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     sys.exit(main())
 
 
