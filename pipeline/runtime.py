@@ -216,15 +216,17 @@ def share(executor: Executor | str, value: Any) -> Shared:
     return RayShared.put(value)
 
 
-def tasks(executor: Executor | str, num_cpus: float = 0.25) -> Tasks:
+def tasks(executor: Executor | str, num_cpus: float = 0.25, *, spread: bool = False) -> Tasks:
     """Helper tasks in this process, or Ray tasks reserving `num_cpus` each: a fraction for light work
     (reductions, factor sums), a whole CPU for compute-bound work, so that no more run at once than the
-    cores can hold (on 2 cores, eight quarter-CPU kNN tasks ran 4x slower than two whole-CPU ones)."""
+    cores can hold (on 2 cores, eight quarter-CPU kNN tasks ran 4x slower than two whole-CPU ones).
+    `spread`: over the cluster's nodes rather than packed onto the first (short compute-bound tasks would
+    otherwise often all run where they were submitted)."""
     if Executor(executor) is Executor.LOCAL:
         return LocalTasks()
     from pipeline.stages.ray_adapter import RayTasks
 
-    return RayTasks(num_cpus=num_cpus)
+    return RayTasks(num_cpus=num_cpus, spread=spread)
 
 
 def run_stages(

@@ -47,18 +47,8 @@ from pipeline.selection import (
     resolved_precision,
 )
 from pipeline.stages.base import Batch
-from pipeline.stages.curate import (
-    FILE,
-    POOL_ROW,
-    EmbeddingReadStage,
-    Rescore,
-    Sampling,
-    ScoreStage,
-    global_rows,
-    knn_partial,
-    merge_knn,
-    split_rows,
-)
+from pipeline.stages.curate import Rescore, Sampling, ScoreStage, knn_partial, merge_knn
+from pipeline.stages.embedding_read import FILE, POOL_ROW, EmbeddingReadStage, global_rows, split_rows
 from pipeline.stages.shards import Ledger, pending_shards
 
 SCORES_DIR = "scores"
@@ -185,7 +175,7 @@ def knn_candidates(
     queries = embed_for_search(targets.mean.float(), targets.var.float().clamp_min(0), metric)  # [Nt, D']
     shared = runtime.share(executor, queries)
     shared_rescore = None if rescore is None else runtime.share(executor, rescore)
-    tasks = runtime.tasks(executor, num_cpus=1.0)  # compute-bound: one per core
+    tasks = runtime.tasks(executor, num_cpus=1.0, spread=True)  # compute-bound: one per core, every node
     merged: tuple[np.ndarray, np.ndarray] | None = None
     handles = [
         tasks.submit(knn_partial, shard, shared, k, metric, shared_rescore, exclude) for shard in shards

@@ -5,14 +5,18 @@ Plain fixed-size lists are what any Parquet reader understands (pandas, DuckDB, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: readers of plain arrays start without it
+    import torch
 
 
 def vector_column(values: np.ndarray | torch.Tensor) -> pa.Array:
     """[N, D] array -> `fixed_size_list<float>[D]` (zero-copy from a contiguous float32 array)."""
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):  # a torch.Tensor
         values = values.detach().cpu().numpy()
     values = np.ascontiguousarray(values, dtype=np.float32)
     if values.ndim != 2:
@@ -33,6 +37,9 @@ def matrix(table: pa.Table, name: str, dtype: np.dtype | type | None = np.float6
     return values if dtype is None else values.astype(dtype, copy=False)
 
 
-def tensor(table: pa.Table, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A vector column of `table` as a [N, D] tensor of `dtype`."""
-    return torch.from_numpy(np.ascontiguousarray(matrix(table, name, np.float64))).to(dtype)
+def tensor(table: pa.Table, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A vector column of `table` as a [N, D] tensor of `dtype` (default float64)."""
+    import torch
+
+    values = torch.from_numpy(np.ascontiguousarray(matrix(table, name, np.float64)))
+    return values.to(torch.float64 if dtype is None else dtype)

@@ -130,8 +130,9 @@ class RayTasks:
     The `runtime.Tasks` protocol; `runtime.tasks("ray")` makes one.
     """
 
-    def __init__(self, *, num_cpus: float = 0.25, max_retries: int = 3) -> None:
-        self._task = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(
+    def __init__(self, *, num_cpus: float = 0.25, max_retries: int = 3, spread: bool = False) -> None:
+        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"} if spread else {}
+        self._task = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True, **options)(
             call_on_node
         )
 
