@@ -88,7 +88,6 @@ class RowScorer:
                 drawn = HeadDraws(None, drawn.text, drawn.dual, drawn.scale, drawn.bias)  # type: ignore[arg-type]
             self.drawn = drawn
         if method == "epig":
-            assert targets is not None
             self.targets = _EpigTargets.of(self._draw_probs(targets.to(dtype)))
 
     @property
@@ -118,7 +117,8 @@ class RowScorer:
         return self.head.image_embeddings(rows.acts, rows.offsets)  # [n, D] each
 
     def _draw_probs(self, rows: Activations, moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        assert self.drawn is not None
+        if self.drawn is None:
+            raise RuntimeError(f"a {self.method!r} scorer holds no joint draws")
         norms = None
         if self.norm is Norm.EXPECTED:
             mean, var = moments if moments is not None else self._gaussians(rows)
@@ -143,6 +143,7 @@ class RowScorer:
         elif self.method == "bald":
             scores = bald(self._draw_probs(rows, (mean, var)))
         else:
-            assert self.targets is not None
+            if self.targets is None:
+                raise RuntimeError("an EPIG scorer was built without its target side")
             scores = _epig(self._draw_probs(rows, (mean, var)), self.targets, None, 1024)
         return RowScores(scores.double().cpu(), probs.double().cpu())

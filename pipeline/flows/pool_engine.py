@@ -184,7 +184,8 @@ def knn_candidates(
     for partial, node in tasks.gather(handles):
         merged = merge_knn(merged, partial, k)
         nodes.add(node)
-    assert merged is not None
+    if merged is None:
+        raise ValueError("the pool has no shards to search: is the embeddings directory empty?")
     files, rows = split_rows(np.unique(merged[1][np.isfinite(merged[0])]))
     by_shard: dict[str, list[int]] = {}
     for shard in shards:
@@ -400,7 +401,8 @@ def _candidates(
     nodes: dict[str, set[str]],
 ) -> dict[str, np.ndarray]:
     """The neighbour step, computed once and kept in `candidates.parquet` so a rerun reuses it."""
-    assert scoring.targets is not None
+    if scoring.targets is None:
+        raise ValueError("the neighbour step needs targets: give --targets, or --whole-pool")
     path = storage.join(out, CANDIDATES_FILE)
     stamp = (
         f"{settings.neighbours}:{settings.metric.value}:{len(scoring.targets)}:{scoring.posterior_id}:"

@@ -113,7 +113,8 @@ class ScoreStage(Stage):
         self.scorer = scorer.to(self.device) if self.device != "cpu" else scorer
 
     def process(self, batch: Batch) -> Batch:
-        assert self.scorer is not None
+        if self.scorer is None:
+            raise RuntimeError("ScoreStage.process before setup: the scorer is fetched in setup()")
         acts = torch.from_numpy(np.ascontiguousarray(batch["acts"]))
         if self.reference is None:
             projected = self.scorer.head.image.mean(acts.to(self.scorer.dtype))
