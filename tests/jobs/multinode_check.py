@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -15,6 +16,16 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="bcmn", dir="/tmp")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+
+def wait_idle(cpus: float, timeout: float = 120.0) -> None:
+    """Until every CPU of the cluster is free again: the actors of the job before are released
+    asynchronously, and tasks placed while they still hold their node's CPU would all land elsewhere."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def main(work: str) -> None:
@@ -56,11 +67,13 @@ def main(work: str) -> None:
             "--no-tracking",
         ]
         rc_cluster = fit_posterior.main([*args, "--out", f"{work}/cluster"])
+        wait_idle(3)
         emb = ["--images", f"{work}/world", "--posterior", f"{work}/cluster", "--out", f"{work}/emb"]
         rc_embed = embed.main([*emb, "--activations", "--rows-per-shard", "100", "--no-tracking"])
         pick = ["--pool", f"{work}/emb", "--targets", f"{work}/emb", "--posterior", f"{work}/cluster"]
         pick += ["--classes", f"{work}/world/classes/shape.json", "--budget", "20", "--batch", "stochastic"]
         pick += ["--draws", "8", "--rows-per-shard", "40", "--batch-size", "40", "--no-tracking"]
+        wait_idle(3)
         rc_curate = curate.main([*pick, "--out", f"{work}/curated-cluster"])
     finally:
         ray.shutdown()
