@@ -238,10 +238,12 @@ def run_stages(
     pool_size: int = 1,
     read_cpus: float = 0.25,
     read: Any = None,
+    total: int | None = None,
 ) -> dict[str, set[str]]:
     """Run `stages` over `shards` with the local runner or on Ray; returns {stage: nodes that ran it}.
 
-    `read` turns shard descriptors into rows (default: the corpus reader, `ReadStage`)."""
+    `read` turns shard descriptors into rows (default: the corpus reader, `ReadStage`); `total` is the rows
+    it yields when it keeps only some (the progress line's total)."""
     from pipeline.stages.read import ReadStage
 
     read = read or ReadStage(num_cpus=read_cpus)
@@ -251,7 +253,7 @@ def run_stages(
         return run_local(shards, stages, sink, read=read)
     from pipeline.stages.ray_adapter import run_ray
 
-    return run_ray(shards, stages, sink, pool_size=pool_size, read=read)
+    return run_ray(shards, stages, sink, pool_size=pool_size, read=read, total=total)
 
 
 def pixel_shape(preprocess: Any) -> tuple[int, int, int]:

@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pipeline.config import Config, Renamed
 from pipeline.data.synthetic import SEVERITIES, SHIFTED_DOMAINS, Domain, class_names
 from pipeline.experiments.active_learning_analysis import (
+    DEFAULT_BETA,
     METRICS,
     PREDICTIVES,
     STOCHASTIC_EPIG,
     UNTARGETED,
     aggregate,
+    beta_sweep,
     curve,
     goals,
 )
@@ -70,8 +72,11 @@ class ActiveLearningConfig(Config):
     # round (their own world indices)
     methods: tuple[Acquisition, ...] = METHODS  # acquisition functions compared
     untargeted_random: bool = True  # also random over the whole pool (no targets): what the kNN step buys
-    stochastic_epig: bool = True  # also EPIG with `batch: stochastic` (power sampling, beta 1), the row
-    # `epig-stochastic`, judged against greedy EPIG's gain over random (when --methods has epig)
+    stochastic_epig: bool = True  # also EPIG with `batch: stochastic` (power sampling at the default
+    # beta), the row `epig-stochastic`, judged against greedy EPIG's gain over random (when --methods has
+    # epig)
+    beta_sweep: tuple[float, ...] = (1.0, 2.0, 8.0, 16.0)  # more exponents of that power sampling, as
+    # the rows `epig-stochastic-beta1`, `-beta2`, ... (with --stochastic-epig)
     seeds: tuple[int, ...] = (0, 1, 2)  # campaign seeds (round r uses seed + r)
     rounds: int = 8  # annotation rounds per campaign
     budget: int = 20  # labels per round
@@ -101,6 +106,7 @@ QUICK: dict[str, Any] = {
     "num_eval": 64,
     "methods": (Acquisition.RANDOM, Acquisition.EPIG),
     "untargeted_random": False,
+    "beta_sweep": (),
     "seeds": (0,),
     "rounds": 2,
     "budget": 4,
@@ -169,15 +175,22 @@ class RunSpec:
     seed: int
     trainer: str = "local"
     batch: str | None = None  # the selection's `batch` ("stochastic"), else the campaign's default
+    beta: float | None = None  # the power-sampling exponent of a stochastic batch
 
     @property
     def row(self) -> str:
-        """The row of the table the campaign is a seed of: its method, or `STOCHASTIC_EPIG`."""
-        return STOCHASTIC_EPIG if self.batch == "stochastic" else self.method
+        """The row of the table the campaign is a seed of: its method, `STOCHASTIC_EPIG` (the default
+        exponent) or `STOCHASTIC_EPIG-beta<b>` (an exponent of the sweep)."""
+        if self.batch != "stochastic":
+            return self.method
+        return STOCHASTIC_EPIG if self.beta == DEFAULT_BETA else f"{STOCHASTIC_EPIG}-beta{self.beta:g}"
 
     @property
     def name(self) -> str:
-        return f"{self.row}-seed{self.seed}" + ("" if self.trainer == "local" else f"-{self.trainer}")
+        """The campaign's directory: a stochastic one names its exponent, so a change of the default never
+        resumes a campaign run with another."""
+        row = f"{STOCHASTIC_EPIG}-beta{self.beta:g}" if self.batch == "stochastic" else self.row
+        return f"{row}-seed{self.seed}" + ("" if self.trainer == "local" else f"-{self.trainer}")
 
     @property
     def targeted(self) -> bool:
@@ -185,10 +198,13 @@ class RunSpec:
 
 
 def run_specs(cfg: ActiveLearningConfig) -> list[RunSpec]:
-    """The local campaigns: every method and seed, then stochastic EPIG and untargeted random per seed."""
+    """The local campaigns: every method and seed, then stochastic EPIG (the default exponent, then the
+    sweep's) and untargeted random per seed."""
     specs = [RunSpec(m.value, s) for m in cfg.methods for s in cfg.seeds]
     if cfg.stochastic_epig and Acquisition.EPIG in cfg.methods:
-        specs += [RunSpec(Acquisition.EPIG.value, s, batch="stochastic") for s in cfg.seeds]
+        betas = dict.fromkeys([DEFAULT_BETA, *cfg.beta_sweep])  # the default first, each exponent once
+        epig = Acquisition.EPIG.value
+        specs += [RunSpec(epig, s, batch="stochastic", beta=b) for b in betas for s in cfg.seeds]
     if cfg.untargeted_random:
         specs += [RunSpec(UNTARGETED, s) for s in cfg.seeds]
     return specs
@@ -216,7 +232,7 @@ def campaign_config(spec: RunSpec, cfg: ActiveLearningConfig, paths: CampaignWor
         "num_cpus": cfg.num_cpus,
     }
     if spec.batch is not None:
-        fields |= {"batch": spec.batch, "beta": 1.0}  # power sampling, P(pick) ∝ score
+        fields |= {"batch": spec.batch, "beta": spec.beta}  # power sampling, P(pick) ∝ score^beta
     if spec.targeted:
         fields["targets"] = str(paths.targets)
     return CampaignConfig.model_validate(fields)
@@ -287,6 +303,7 @@ def run_campaign(
         "name": spec.name,
         "method": spec.method,
         "batch": spec.batch,
+        "beta": spec.beta,
         "row": spec.row,
         "seed": spec.seed,
         "trainer": spec.trainer,
@@ -394,6 +411,7 @@ def run(cfg: ActiveLearningConfig) -> dict[str, Any]:
         "methods": agg,
         "goals": goals(agg),
         "goals_untargeted": goals(agg, UNTARGETED)[:1] if UNTARGETED in agg else [],
+        "beta_sweep": beta_sweep(agg),
         "ray_check": ray_doc,
         "diagnostics": diag,
         "world_seconds": world_seconds,

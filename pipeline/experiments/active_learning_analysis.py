@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from pipeline.data.synthetic import class_names
-from pipeline.selection import Acquisition
+from pipeline.selection import Acquisition, SelectionSettings
 
 UNTARGETED = "random-untargeted"  # random over the whole pool, the campaign given no targets
-STOCHASTIC_EPIG = "epig-stochastic"  # EPIG campaigns with `batch: stochastic` (power sampling, beta 1)
+STOCHASTIC_EPIG = "epig-stochastic"  # EPIG campaigns with `batch: stochastic` (power sampling), default beta
+DEFAULT_BETA: float = SelectionSettings.model_fields["beta"].default  # a selection's power-sampling exponent
 PREDICTIVES = ("Bayes", "MAP")
 METRICS = ("accuracy", "nll", "ece", "brier")
 STOCHASTIC_SHARE = 0.9  # the stochastic batch keeps at least this share of greedy EPIG's gain over random
@@ -104,6 +105,7 @@ def aggregate(runs: list[dict[str, Any]]) -> Agg:
         if any(labels_of(r) != labels for r in group):
             raise ValueError(f"the seeds of {row} labelled different numbers of samples: {labels}")
         entry: dict[str, Any] = {"labels": labels, "seeds": [r["seed"] for r in group]}
+        entry["beta"] = group[0].get("beta")  # a stochastic row's power-sampling exponent, else None
         for p in PREDICTIVES:
             for m in METRICS:
                 entry[f"{p}.{m}"] = _metric_spread(group, p, m)
@@ -213,9 +215,10 @@ def stochastic_goal(agg: Agg, baseline: str = Acquisition.RANDOM.value) -> dict[
     `baseline`, per seed and on the seed mean: `gain_stochastic >= 0.9 · gain_greedy` (an inequality, so
     that it is decided even where greedy EPIG gained nothing; the ratio is reported either way)."""
     epig = Acquisition.EPIG.value
+    beta = agg.get(STOCHASTIC_EPIG, {}).get("beta") or DEFAULT_BETA
     name = (
-        f"stochastic EPIG (power sampling, beta 1) keeps at least {STOCHASTIC_SHARE:.0%} of greedy EPIG's "
-        f"accuracy gain over {baseline} after the last round, per seed and on the mean"
+        f"stochastic EPIG (power sampling, beta {beta:g}) keeps at least {STOCHASTIC_SHARE:.0%} of greedy "
+        f"EPIG's accuracy gain over {baseline} after the last round, per seed and on the mean"
     )
     skipped = _not_run(agg, name, epig, STOCHASTIC_EPIG, baseline)
     if skipped:
@@ -257,6 +260,37 @@ def stochastic_goal(agg: Agg, baseline: str = Acquisition.RANDOM.value) -> dict[
         "detail": f"final Bayes accuracy gain over {baseline}: stochastic {b['gain_stochastic']:+.4f}, "
         f"greedy {b['gain_greedy']:+.4f}, ratio {_ratio(b['ratio'])} on the mean ({per_seed})",
     }
+
+
+def beta_sweep(agg: Agg, baseline: str = Acquisition.RANDOM.value) -> list[dict[str, Any]]:
+    """Every stochastic EPIG row by its exponent: final Bayes accuracy (seed mean and sd), its gain over
+    `baseline` as a share of greedy EPIG's (on the mean and per seed), and its picks' target-domain share.
+    Empty without greedy EPIG, `baseline` or a stochastic row."""
+    epig = Acquisition.EPIG.value
+    rows = [(r, e) for r, e in agg.items() if e.get("beta") is not None]
+    if epig not in agg or baseline not in agg or not rows:
+        return []
+    base, greedy = _finals(agg, baseline, "Bayes"), _finals(agg, epig, "Bayes")
+    mean_greedy = _final(agg, epig, "Bayes") - _final(agg, baseline, "Bayes")
+    out = []
+    for row, e in sorted(rows, key=lambda item: item[1]["beta"]):
+        finals = _finals(agg, row, "Bayes")
+        out.append(
+            {
+                "row": row,
+                "beta": e["beta"],
+                "accuracy": _final(agg, row, "Bayes"),
+                "sd": e["Bayes.accuracy"]["sd"][-1],
+                "ratio": gain_ratio(_final(agg, row, "Bayes") - _final(agg, baseline, "Bayes"), mean_greedy),
+                "per_seed": {
+                    s: gain_ratio(v - base[s], greedy[s] - base[s])
+                    for s, v in finals.items()
+                    if s in base and s in greedy
+                },
+                "target_share": e["target_share_all"],
+            }
+        )
+    return out
 
 
 def _ratio(x: float | None) -> str:

@@ -489,6 +489,7 @@ def _score(
         ScoreSink(storage.join(out, SCORES_DIR)),
         pool_size=plan.actors,
         read=read,
+        total=None if keep is None else sum(len(keep.get(s.shard_id, ())) for s in todo),
     )
 
 

@@ -34,10 +34,15 @@ Doc = dict[str, Any]
 # ------------------------------------------------------------------------------------------ the figure
 
 
+def _plotted(doc: Doc) -> dict[str, Any]:
+    """The rows the figure draws: every row but the exponents of the power-sampling sweep (its own table)."""
+    return {m: e for m, e in doc["methods"].items() if not m.startswith(f"{STOCHASTIC_EPIG}-beta")}
+
+
 def _metric_panel(ax: Any, doc: Doc, predictive: str, metric: str, title: str) -> None:
     """One metric against labels, a line per row (band: min-max over seeds); accuracy panels also mark
     random's final accuracy and half of random's labels."""
-    agg, target = doc["methods"], doc["config"]["target_domain"]
+    agg, target = _plotted(doc), doc["config"]["target_domain"]
     random = agg.get(Acquisition.RANDOM.value)
     for method, entry in agg.items():
         s = entry[f"{predictive}.{metric}"]
@@ -57,7 +62,7 @@ def _metric_panel(ax: Any, doc: Doc, predictive: str, metric: str, title: str) -
 
 def _share_panel(ax: Any, doc: Doc) -> None:
     """The target domain's share of each round's picks."""
-    for method, entry in doc["methods"].items():
+    for method, entry in _plotted(doc).items():
         ax.plot(
             entry["labels"][1:],
             entry["target_share"],
@@ -73,7 +78,7 @@ def _share_panel(ax: Any, doc: Doc) -> None:
 
 def _score_panel(ax: Any, doc: Doc) -> None:
     """The median acquisition score of each round's picks (random picks have none)."""
-    for method, entry in doc["methods"].items():
+    for method, entry in _plotted(doc).items():
         if method in (Acquisition.RANDOM.value, UNTARGETED):
             continue
         ax.plot(
@@ -219,6 +224,30 @@ def goals_section(doc: Doc) -> list[str]:
     return lines
 
 
+def sweep_section(doc: Doc) -> list[str]:
+    """Stochastic EPIG's final accuracy by power-sampling exponent, against greedy EPIG's gain over
+    random; nothing when the run had no sweep."""
+    sweep = doc.get("beta_sweep") or []
+    if len(sweep) < 2:
+        return []
+    lines = [
+        "## Power sampling: the exponent",
+        "",
+        "Stochastic EPIG draws each round's picks with P(pick) ∝ EPIG^beta. Its gain in final Bayes accuracy "
+        "over random as a share of greedy EPIG's (seed mean; per seed in brackets):",
+        "",
+        "| beta | row | Bayes accuracy | share of greedy EPIG's gain | target-domain share of picks |",
+        "|---|---|---|---|---|",
+    ]
+    for s in sweep:
+        seeds = ", ".join(_fmt(v, 2) for v in s["per_seed"].values())
+        lines.append(
+            f"| {s['beta']:g} | {s['row']} | {s['accuracy']:.3f} ± {s['sd']:.3f} | {_fmt(s['ratio'], 2)} "
+            f"({seeds}) | {s['target_share']:.2f} |"
+        )
+    return lines
+
+
 def ray_section(doc: Doc) -> list[str]:
     """The Ray Train campaign against its local twin, or why it did not run."""
     check = doc.get("ray_check")
@@ -330,6 +359,7 @@ SECTIONS = (
     final_metrics_section,
     accuracy_section,
     goals_section,
+    sweep_section,
     ray_section,
     diagnostics_section,
     timing_section,

@@ -71,10 +71,12 @@ def run_ray(
     *,
     pool_size: int = 1,
     read: ReadStage | None = None,
+    total: int | None = None,
 ) -> dict[str, set[str]]:
     """Stream `shards` through read -> `stages` on Ray and hand every complete shard to `sink` (driver side).
 
-    Returns {stage name: node ids that ran it}.
+    `total`: the rows the read yields, for the progress line (default: every row of the shards; less when
+    the read keeps only some). Returns {stage name: node ids that ran it}.
     """
     if not shards:
         return {}
@@ -88,7 +90,7 @@ def run_ray(
     nodes: dict[str, set[str]] = {}
     with quiet_ray() as console:
         label = stages[-1].name if stages else "rows"
-        progress = RowProgress(sum(s.rows for s in shards), label, stream=console)
+        progress = RowProgress(sum(s.rows for s in shards) if total is None else total, label, stream=console)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 for key in [k for k in batch if k.startswith(NODE_PREFIX)]:

@@ -11,6 +11,7 @@ import pytest
 from pipeline.experiments.active_learning_analysis import (
     STOCHASTIC_EPIG,
     aggregate,
+    beta_sweep,
     class_balance,
     ends_above_goal,
     goals,
@@ -216,6 +217,34 @@ def test_the_stochastic_goal_judges_map_on_its_own_and_survives_a_greedy_gain_of
     goal = stochastic_goal(flat)
     assert goal["met"] is True and goal["numbers"]["Bayes"]["ratio"] is None  # 0 >= 0.9 x 0
     assert "undefined (greedy gained nothing)" in goal["detail"]
+
+
+def _stochastic(finals: dict[int, float], beta: float, share: float) -> dict[str, Any]:
+    sd = statistics.stdev(finals.values())
+    row = _row(finals)
+    row["Bayes.accuracy"]["sd"] = [0.0, 0.0, sd]
+    return row | {"beta": beta, "target_share_all": share}
+
+
+def test_the_beta_sweep_orders_the_stochastic_rows_by_exponent_with_their_share_of_greedy_gain() -> None:
+    agg = {
+        "random": _row(RANDOM),
+        "epig": _row(GREEDY) | {"beta": None},
+        STOCHASTIC_EPIG: _stochastic({0: 0.72, 1: 0.72}, 4.0, 0.5),  # gains 0.22 and 0.12 of 0.20 and 0.10
+        f"{STOCHASTIC_EPIG}-beta1": _stochastic({0: 0.54, 1: 0.63}, 1.0, 0.4),  # 0.04 and 0.03
+    }
+    sweep = beta_sweep(agg)
+    assert [(s["beta"], s["row"]) for s in sweep] == [
+        (1.0, f"{STOCHASTIC_EPIG}-beta1"),
+        (4.0, STOCHASTIC_EPIG),
+    ]
+    one, four = sweep
+    assert one["ratio"] == pytest.approx(0.035 / 0.15) and four["ratio"] == pytest.approx(0.17 / 0.15)
+    assert one["per_seed"] == pytest.approx({0: 0.2, 1: 0.3}) and four["per_seed"] == pytest.approx(
+        {0: 1.1, 1: 1.2}
+    )
+    assert (four["accuracy"], four["sd"], four["target_share"]) == (pytest.approx(0.72), 0.0, 0.5)
+    assert beta_sweep({k: v for k, v in agg.items() if k != "epig"}) == []  # nothing to compare with
 
 
 def test_goals_are_not_evaluated_without_the_rows_they_compare() -> None:

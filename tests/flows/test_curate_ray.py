@@ -3,6 +3,7 @@ actor is SIGKILLed mid-run, and the run in MLflow with its figures and contact s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -73,3 +74,15 @@ def test_ray_equals_local_and_survives_a_killed_scoring_actor(
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert {"curate.json", "scores.png", "domains.png", "picks.png"} <= artifacts
     assert run_info.data.metrics["share_blur"] + run_info.data.metrics["share_clean"] == pytest.approx(1.0)
+
+
+def test_the_progress_line_counts_the_candidates_not_the_pool(
+    campaign_world: World, ray_session: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "targeted"
+    args = [a for a in _args(campaign_world, out) if a != "--whole-pool"]
+    assert curate.main([*args, "--neighbours", "2", "--no-tracking"]) == 0
+    report = json.loads((out / "curate.json").read_text())
+    assert 0 < report["candidates"] < report["rows"]  # the neighbour step kept some of the pool
+    n = report["candidates"]
+    assert f"score: {n}/{n} rows in" in capfd.readouterr().err

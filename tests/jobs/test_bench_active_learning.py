@@ -53,21 +53,26 @@ def _check_run(run: dict[str, Any], cfg: dict[str, Any], truth: dict[str, tuple[
 
 @pytest.mark.slow
 def test_quick_run_writes_results_curves_and_goals(tmp_path: Path) -> None:
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--beta-sweep", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     cfg = doc["config"]
     assert set(cfg["methods"]) == {"random", "epig"} and cfg["rounds"] == 2 and cfg["seeds"] == [0]
 
-    # Greedy EPIG's stochastic twin runs beside it: the same campaign but for `batch: stochastic`, beta 1.
-    assert [(r["row"], r["method"], r["batch"], r["seed"]) for r in doc["runs"]] == [
-        ("random", "random", None, 0), ("epig", "epig", None, 0), ("epig-stochastic", "epig", "stochastic", 0)
+    # Greedy EPIG's stochastic twin runs beside it: the same campaign but for `batch: stochastic` at the
+    # default exponent, then at the sweep's exponent.
+    assert [(r["row"], r["method"], r["batch"], r["beta"], r["seed"]) for r in doc["runs"]] == [
+        ("random", "random", None, None, 0), ("epig", "epig", None, None, 0),
+        ("epig-stochastic", "epig", "stochastic", 4.0, 0),
+        ("epig-stochastic-beta1", "epig", "stochastic", 1.0, 0),
     ]  # fmt: skip
     runs = {r["row"]: r for r in doc["runs"]}
     configs = {
         row: yaml.safe_load((Path(r["directory"]) / "campaign.yaml").read_text()) for row, r in runs.items()
     }
     greedy = configs["epig"] | {"selection": configs["epig"]["selection"] | {"batch": "stochastic"}}
-    assert configs["epig-stochastic"] == greedy and greedy["selection"]["beta"] == 1.0
+    assert configs["epig-stochastic"] == greedy and greedy["selection"]["beta"] == 4.0
+    swept = greedy | {"selection": greedy["selection"] | {"beta": 1.0}}
+    assert configs["epig-stochastic-beta1"] == swept
 
     truth = _world_labels(Path(configs["random"]["pool"]))
     for run in doc["runs"]:
@@ -103,6 +108,17 @@ def test_quick_run_writes_results_curves_and_goals(tmp_path: Path) -> None:
         and f"| epig-stochastic | {2 * cfg['budget']} |" in summary
     )
     assert "## Goals" in summary and "| method | labels | Bayes accuracy |" in summary
+    # The sweep's table: each exponent's gain over random as a share of greedy EPIG's.
+    sweep = {s["beta"]: s for s in doc["beta_sweep"]}
+    assert [(s["beta"], s["row"]) for s in doc["beta_sweep"]] == [
+        (1.0, "epig-stochastic-beta1"),
+        (4.0, "epig-stochastic"),
+    ]
+    for beta, row in ((1.0, "epig-stochastic-beta1"), (4.0, "epig-stochastic")):
+        gain = _accuracy(runs[row])[-1] - random[-1]
+        expected = None if gain_greedy == 0 else gain / gain_greedy
+        assert sweep[beta]["ratio"] == (None if expected is None else pytest.approx(expected))
+    assert "## Power sampling: the exponent" in summary and "| 1 | epig-stochastic-beta1 |" in summary
     assert (tmp_path / "curves.png").stat().st_size > 20_000
 
 
