@@ -462,6 +462,10 @@ def _score(
         dtype=dtype_of(resolved_precision(settings, mode)),
     )
     plan = runtime.plan(executor)
+    # CPU scoring on Ray runs as tasks (`ScoreStage`), each using the CPUs it reserved; in-process and GPU
+    # actors use the plan's threads.
+    tasks_on_cpu = Executor(executor) is Executor.RAY and plan.device == "cpu"
+    threads = max(1, round(plan.actor_cpus)) if tasks_on_cpu else plan.actor_threads
     random = settings.method is Acquisition.RANDOM
     sampling = Sampling(
         BatchMode.STOCHASTIC if random else (BatchMode.TOP_K if mode is BatchMode.GREEDY else mode),
@@ -474,7 +478,7 @@ def _score(
         sampling,
         reference=scoring.reference,
         device=plan.device,
-        threads=plan.actor_threads,
+        threads=threads,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
         batch_size=batch_size,

@@ -10,6 +10,7 @@ committed shards.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,8 @@ def _task_fn(stage: Stage) -> Callable[[Batch], Batch]:
     def run(batch: Batch) -> Batch:
         return _tag_node(stage(batch), stage.name)
 
+    # Ray Data names the operator (and a worker's process title while it runs) after the function.
+    run.__name__ = run.__qualname__ = stage.name
     return run
 
 
@@ -108,7 +111,10 @@ def run_ray(
 
 
 class RayShared:
-    """A value in Ray's object store: pickles as its reference, so workers fetch it once each (`get`)."""
+    """A value in Ray's object store: pickles as its reference, so workers fetch it once each (`get`).
+
+    A worker process keeps the last few values it fetched, so the tasks of one run that land on the same
+    worker deserialise each once (values in the store are immutable; callers must not change them)."""
 
     def __init__(self, ref: Any) -> None:
         self.ref = ref
@@ -118,7 +124,18 @@ class RayShared:
         return cls(ray.put(value))
 
     def get(self) -> Any:
-        return ray.get(self.ref)
+        key = self.ref.hex()
+        if key in _FETCHED:
+            _FETCHED.move_to_end(key)
+        else:
+            _FETCHED[key] = ray.get(self.ref)
+            while len(_FETCHED) > _KEEP_FETCHED:
+                _FETCHED.popitem(last=False)  # a later run's values replace an earlier run's
+        return _FETCHED[key]
+
+
+_KEEP_FETCHED = 4  # shared values a worker process keeps (a task reads at most two)
+_FETCHED: OrderedDict[str, Any] = OrderedDict()  # object id -> value, least recently used first
 
 
 def call_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:

@@ -1,11 +1,10 @@
 """`bayescurate curate` on Ray: the same batch as in-process, every row scored exactly once when a scoring
-actor is SIGKILLed mid-run, and the run in MLflow with its figures and contact sheet."""
+worker is SIGKILLed mid-task, and the run in MLflow with its figures and contact sheet."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from jobs import curate
 from tests.fixtures_world import World
-from tests.jobs.test_ray_pipeline import actor_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -30,8 +28,8 @@ def _args(world: World, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_ray_equals_local_and_survives_a_killed_scoring_actor(
-    campaign_world: World, ray_session: None, tmp_path: Path
+def test_ray_equals_local_and_survives_a_killed_scoring_worker(
+    campaign_world: World, ray_faults: Path, tmp_path: Path
 ) -> None:
     local = tmp_path / "local"
     assert curate.main([*_args(campaign_world, local), "--executor", "local", "--no-tracking"]) == 0
@@ -41,20 +39,23 @@ def test_ray_equals_local_and_survives_a_killed_scoring_actor(
     result: dict[str, int] = {}
     run = threading.Thread(target=lambda: result.setdefault("rc", curate.main(args)))
     run.start()
-    killed = None
+    armed_after = None
     deadline = time.monotonic() + 240
     done_dir = out / "scores" / "_done"
-    while killed is None and run.is_alive() and time.monotonic() < deadline:
+    while armed_after is None and run.is_alive() and time.monotonic() < deadline:
         done = len(list(done_dir.glob("*.json"))) if done_dir.exists() else 0
-        pids = actor_pids()
-        if pids and done >= 2:
-            os.kill(pids[0], signal.SIGKILL)
-            killed = (pids[0], done)
+        if done >= 2:  # the next scoring task to start SIGKILLs its worker (`faults.kill_once`)
+            (ray_faults / "score").touch()
+            armed_after = done
         time.sleep(0.02)
     run.join(timeout=300)
     assert result.get("rc") == 0
     shards = len(list((local / "scores").glob("part-*.parquet")))
-    assert killed is not None and killed[1] < shards, f"the actor must be killed mid-run ({shards} shards)"
+    fired = ray_faults / "score.fired"
+    assert armed_after is not None and armed_after < shards, f"armed too late ({shards} shards)"
+    assert fired.exists(), "no scoring worker took the crash"
+    killed = int(fired.read_text())
+    assert killed != os.getpid() and not Path(f"/proc/{killed}").exists()  # a worker, and it died
 
     def scored_ids(folder: Path) -> list[str]:
         parts = sorted((folder / "scores").glob("part-*.parquet"))
