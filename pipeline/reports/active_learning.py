@@ -60,17 +60,15 @@ def _metric_panel(ax: Any, doc: Doc, predictive: str, metric: str, title: str) -
         ax.legend(fontsize=7)
 
 
+def _per_round(ax: Any, method: str, entry: dict[str, Any], values: list[float]) -> None:
+    """One row's line of a value per round (the label count after each round on x)."""
+    ax.plot(entry["labels"][1:], values, marker="o", ms=3, color=COLOURS.get(method), label=method)
+
+
 def _share_panel(ax: Any, doc: Doc) -> None:
     """The target domain's share of each round's picks."""
     for method, entry in _plotted(doc).items():
-        ax.plot(
-            entry["labels"][1:],
-            entry["target_share"],
-            marker="o",
-            ms=3,
-            color=COLOURS.get(method),
-            label=method,
-        )
+        _per_round(ax, method, entry, entry["target_share"])
     target = doc["config"]["target_domain"]
     ax.set(xlabel="labels", ylabel="share", ylim=(0, 1.02), title=f"share of the round's picks from {target}")
     ax.grid(alpha=0.3)
@@ -81,14 +79,7 @@ def _score_panel(ax: Any, doc: Doc) -> None:
     for method, entry in _plotted(doc).items():
         if method in (Acquisition.RANDOM.value, UNTARGETED):
             continue
-        ax.plot(
-            entry["labels"][1:],
-            entry["median_score"],
-            marker="o",
-            ms=3,
-            color=COLOURS.get(method),
-            label=method,
-        )
+        _per_round(ax, method, entry, entry["median_score"])
     ax.set(
         xlabel="labels", ylabel="nats", yscale="log", title="median acquisition score of the round's picks"
     )
